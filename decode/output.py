@@ -1,0 +1,65 @@
+"""What every decoder returns, and the model-call helper all decoders share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class DecodeOutput:
+    tokens: Tensor
+    """[B, P + G] prompt followed by the generation."""
+    step_map: Tensor
+    """[B, P + G] step at which each position was decoded; -1 for prompt and padding."""
+    logprobs: Tensor
+    """[B, P + G] float64 log-probability each token had when it was decoded; 0 for the prompt."""
+    nfe: Tensor
+    """[B] model evaluations each sequence needed."""
+    model_calls: int
+    """Batched forward passes actually run."""
+    prompt_length: int
+    history: list[Tensor] = field(default_factory=list)
+    """Canvas after each step (when recorded), for visualising the unmasking order."""
+
+    @property
+    def generated(self) -> Tensor:
+        return self.tokens[:, self.prompt_length :]
+
+
+def resolve_mask_token_id(model: nn.Module, mask_token_id: int | None) -> int:
+    if mask_token_id is not None:
+        return mask_token_id
+    found = getattr(getattr(model, "config", None), "mask_token_id", None)
+    if found is None:
+        raise ValueError("no mask token id: the model config has no mask_token_id; pass mask_token_id to the decoder")
+    return int(found)
+
+
+def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Logits ``[B, T, V]`` from any model taking ``input_ids`` (and ``attention_mask``)."""
+    out = (
+        model(input_ids=input_ids, attention_mask=attention_mask)
+        if attention_mask is not None
+        else model(input_ids=input_ids)
+    )
+    return out.logits if hasattr(out, "logits") else out
+
+
+def check_context(model: nn.Module, total_length: int) -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and total_length > limit:
+        raise ValueError(
+            f"prompt + generation is {total_length} tokens, beyond the model's context of {limit}; "
+            "shorten the prompt or lower gen_length"
+        )
+
+
+def left_pad_mask(prompt_ids: Tensor, attention_mask: Tensor | None, gen_length: int) -> Tensor | None:
+    """Padding mask for the canvas [prompt ⊕ generation], or None when there is no padding."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    ones = torch.ones(prompt_ids.shape[0], gen_length, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([attention_mask, ones], dim=1)

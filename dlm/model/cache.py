@@ -1,0 +1,74 @@
+"""Position-indexed key/value cache for diffusion decoding.
+
+Slot ``s`` of the cache holds the keys and values of canvas column ``s`` (prompt + generation).
+A forward pass that feeds tokens at slots ``S`` writes their fresh K/V into those slots and
+marks them valid; its queries attend to every valid slot. Because writes are indexed by
+position rather than appended, one object serves every caching policy: a prefix (feed only the
+tail), a suffix (dual cache), a block at a time (exact block cache), or arbitrary positions
+(delayed cache). Attending over slots is the same computation as attending over the
+concatenated sequence, so a cache that holds the K/V a full forward would compute gives the
+full forward's output exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S]
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> KVCache:
+        cfg = model.config
+        param = next(model.parameters())
+        return cls(
+            cfg.num_hidden_layers,
+            batch_size,
+            max_len,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=param.dtype,
+            device=param.device,
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def check_slots(self, slots_BT: Tensor) -> None:
+        if slots_BT.shape[0] != self.valid.shape[0]:
+            raise ValueError(f"cache holds batch {self.valid.shape[0]}, got slots for batch {slots_BT.shape[0]}")
+        if slots_BT.numel() and (slots_BT.min() < 0 or slots_BT.max() >= self.max_len):
+            raise ValueError(f"cache slots must lie in [0, {self.max_len}); got {slots_BT.min()}..{slots_BT.max()}")
+
+    def mark_valid(self, slots_BT: Tensor) -> None:
+        self.valid.scatter_(1, slots_BT, True)
+
+    def invalidate(self, slots_BT: Tensor | None = None) -> None:
+        """Forget slots (all of them when ``slots_BT`` is None)."""
+        if slots_BT is None:
+            self.valid.zero_()
+        else:
+            self.valid.scatter_(1, slots_BT, False)
+
+    def update(self, layer: int, k_BHTD: Tensor, v_BHTD: Tensor, slots_BT: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this layer's fresh K/V at ``slots`` and return the full ``[B, H, S, D]`` buffers."""
+        index = slots_BT[:, None, :, None].expand_as(k_BHTD)
+        self.keys[layer].scatter_(2, index, k_BHTD.to(self.keys[layer].dtype))
+        self.values[layer].scatter_(2, index, v_BHTD.to(self.values[layer].dtype))
+        return self.keys[layer], self.values[layer]

@@ -1,0 +1,326 @@
+"""``DLMModel``: a Llama-style transformer (RoPE, RMSNorm, SwiGLU, grouped-query attention)
+whose attention pattern is chosen per forward call.
+
+* ``attn_mode="bidirectional"`` — masked diffusion (MDLM, LLaDA);
+* ``attn_mode="causal"`` — the autoregressive baseline on the same weights' architecture;
+* ``attn_mode="block_causal"`` with ``block_size`` — block diffusion decoding (BD3-LM);
+* a 4-D boolean ``attention_mask`` (True = may attend) — any explicit pattern, e.g. the BD3-LM
+  training mask over ``[z_t ⊕ x]`` from :func:`dlm.model.masks.bd3lm`.
+
+A 2-D ``attention_mask`` is the usual padding mask (1 = real token). Left-padded batches get
+RoPE positions counted from each row's first real token, so a padded row computes what the
+row alone would. ``cache`` (a :class:`~dlm.model.cache.KVCache`) with ``cache_slots`` feeds
+only some canvas columns; see ``cache.py``.
+
+Attention runs through PyTorch SDPA by default, flash-attn when it is installed, the tensors
+are on CUDA in half precision and the pattern needs no explicit mask, and an eager reference
+implementation for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from dlm.model.cache import KVCache
+from dlm.model.configuration import DLMConfig
+from dlm.model.masks import structural_mask
+
+try:  # optional GPU kernel
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+
+@dataclass
+class DLMOutput(ModelOutput):
+    logits: Tensor | None = None
+
+
+@dataclass
+class AttentionSpec:
+    """What every layer needs to attend, computed once per forward."""
+
+    mask: Tensor | None  # [B, 1, Tq, Tk] bool, or None
+    is_causal: bool
+    slots: Tensor | None  # [B, T] cache slots of the fed tokens, when a cache is used
+
+
+def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, backend: str) -> Tensor:
+    """Scaled dot-product attention over ``[B, H, T, D]`` tensors (``k``, ``v`` may have fewer heads)."""
+    groups = q.shape[1] // k.shape[1]
+    if backend in ("auto", "flash") and spec.mask is None and flash_available(q.device, q.dtype):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=spec.is_causal)
+        return out.transpose(1, 2)
+    if backend == "flash":
+        raise RuntimeError(
+            "attn_backend='flash' needs flash-attn installed, CUDA tensors in fp16/bf16 and a pattern without "
+            "an explicit mask (bidirectional or causal, no padding, no cache); use attn_backend='auto'"
+        )
+    if backend == "eager":
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if spec.is_causal:
+            spec = AttentionSpec(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(), False, None)
+        if spec.mask is not None:
+            scores = scores.masked_fill(~spec.mask, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.mask, is_causal=spec.is_causal, enable_gqa=groups > 1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with context extension: ``linear`` divides positions by the factor (position
+    interpolation); ``ntk`` raises the base to ``theta · factor^(d/(d-2))``.
+
+    The frequencies are computed per call rather than kept as a buffer: a non-persistent
+    buffer is not restored when transformers materialises a model from the meta device.
+    """
+
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        dim, base = config.head_dim, config.rope_theta
+        factor = config.rope_scaling_factor
+        if config.rope_scaling_type == "ntk" and factor > 1:
+            base = base * factor ** (dim / (dim - 2))
+        self.dim, self.base = dim, base
+        self.position_scale = 1.0 / factor if config.rope_scaling_type == "linear" else 1.0
+
+    def inv_freq(self, device: torch.device | None = None) -> Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
+
+    def forward(self, position_ids_BT: Tensor) -> tuple[Tensor, Tensor]:
+        inv_freq = self.inv_freq(position_ids_BT.device)
+        angles = position_ids_BT.float()[..., None] * self.position_scale * inv_freq  # [B, T, D/2]
+        emb = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, D]
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.backend = config.attn_backend
+
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, spec: AttentionSpec, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        B, T, _ = h.shape
+        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, spec.slots)
+        out = attend(q, k, v, spec, self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, h, cos, sin, spec, cache, layer):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, spec, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DLMPreTrainedModel(PreTrainedModel):
+    config_class = DLMConfig
+    base_model_prefix = "dlm"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class DLMModel(DLMPreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+
+    def __init__(self, config: DLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        # transformers' gradient_checkpointing_enable() lands here (its keyword set varies by version);
+        # the layer loop in forward() does the checkpointing itself.
+        self.gradient_checkpointing = enable
+
+    def attention_spec(
+        self,
+        batch_size: int,
+        seq_len: int,
+        attention_mask: Tensor | None,
+        cache: KVCache | None,
+        cache_slots: Tensor | None,
+        attn_mode: str | None,
+        block_size: int | None,
+        device: torch.device,
+    ) -> tuple[AttentionSpec, Tensor]:
+        """Build the mask shared by all layers and the default RoPE positions ``[B, T]``."""
+        mode = attn_mode or self.config.attention_mode
+        block = block_size or self.config.block_size
+        explicit = padding = None
+        if attention_mask is not None:
+            if attention_mask.dim() == 2:
+                padding = attention_mask.bool()
+            elif attention_mask.dim() in (3, 4):
+                if attn_mode is not None:
+                    raise ValueError("pass either attn_mode or an explicit 3-D/4-D attention_mask, not both")
+                explicit = attention_mask.bool()
+                explicit = explicit[:, None] if explicit.dim() == 3 else explicit
+            else:
+                raise ValueError(
+                    f"attention_mask must be 2-D (padding) or 3/4-D (explicit); got {attention_mask.dim()}-D"
+                )
+
+        if cache is None:
+            if cache_slots is not None:
+                raise ValueError("cache_slots given without a cache")
+            q_idx = kv_idx = torch.arange(seq_len, device=device)
+            key_valid = padding  # [B, T] or None
+            positions = (
+                (padding.long().cumsum(-1) - 1).clamp(min=0) if padding is not None else q_idx.expand(batch_size, -1)
+            )
+            if explicit is None and padding is None and mode in ("bidirectional", "causal"):
+                return AttentionSpec(None, mode == "causal", None), positions  # no mask tensor: fastest kernels
+        else:
+            if cache_slots is None:
+                cache_slots = torch.arange(seq_len, device=device).expand(batch_size, -1)
+            cache.check_slots(cache_slots)
+            cache.mark_valid(cache_slots)
+            q_idx, kv_idx = cache_slots, torch.arange(cache.max_len, device=device)
+            key_valid = cache.valid
+            if padding is not None:
+                if padding.shape[1] != cache.max_len:
+                    raise ValueError(
+                        f"with a cache, the padding mask covers the whole canvas ({cache.max_len} columns)"
+                    )
+                key_valid = key_valid & padding
+                positions = (padding.long().cumsum(-1) - 1).clamp(min=0).gather(1, cache_slots)
+            else:
+                positions = cache_slots
+
+        if explicit is not None:
+            mask = explicit
+        else:
+            mask = structural_mask(mode, q_idx[..., :, None], kv_idx[None, :] if q_idx.dim() == 2 else kv_idx, block)
+            if mask is not None and mask.dim() == 2:
+                mask = mask[None]
+            if mask is not None:
+                mask = mask[:, None]  # [B|1, 1, Tq, Tk]
+        if key_valid is not None:
+            kv_mask = key_valid[:, None, None, :]
+            mask = kv_mask if mask is None else mask & kv_mask
+        # A query that sees no key (a padding row under a causal mask) would give NaN: let it see all.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        return AttentionSpec(mask, False, cache_slots), positions
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: Tensor | None = None,
+        attn_mode: str | None = None,
+        block_size: int | None = None,
+        output_mask: Tensor | None = None,
+        return_dict: bool = True,
+        **unused,
+    ) -> DLMOutput | tuple[Tensor]:
+        """Logits ``[B, T, V]``; with ``output_mask`` ``[B, T]`` only the selected rows ``[N, V]``
+        (training objectives score only masked positions, saving the LM head elsewhere)."""
+        if unused:
+            raise TypeError(f"DLMModel.forward got unexpected arguments: {', '.join(sorted(unused))}")
+        B, T = input_ids.shape
+        if position_ids is None and cache is None and T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input length {T} exceeds the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings}); shorten the input or raise rope_scaling_factor"
+            )
+        spec, default_positions = self.attention_spec(
+            B, T, attention_mask, cache, cache_slots, attn_mode, block_size, input_ids.device
+        )
+        cos, sin = self.rotary(default_positions if position_ids is None else position_ids)
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, spec, cache, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, spec, cache, i)
+        h = self.norm(h)
+        if output_mask is not None:
+            h = h[output_mask]
+        logits = self.lm_head(h)
+        return DLMOutput(logits=logits) if return_dict else (logits,)

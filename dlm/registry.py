@@ -1,0 +1,51 @@
+"""Named registries for dlm's extension points (schedules, objectives, decoders, ...).
+
+A registry is a dict plus a ``register`` decorator. A failed lookup names what exists and
+suggests the closest match, so a typo in a recipe is a one-line fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def close_matches(name: str, options: list[str]) -> str:
+    """' Did you mean 'x'?' when something is close, else ''."""
+    hits = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" Did you mean {hits[0]!r}?" if hits else ""
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def add(item: T) -> T:
+            if name in self._items:
+                raise KeyError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = item
+            return item
+
+        return add
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            known = sorted(self._items)
+            raise KeyError(
+                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(known)}." + close_matches(name, known)
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))

@@ -1,0 +1,1 @@
+"""Recipes shipped with dlm: ``dlm train quickstart`` finds ``quickstart.yaml`` here."""

@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+
+from conftest import write_corpus
+from dlm.data import (
+    DataConfig,
+    DataError,
+    StreamSource,
+    TensorSource,
+    build_data,
+    chat_row,
+    pack,
+    pack_stream,
+    stdlib_files,
+)
+from dlm.tokenizer import TokenizerConfig, TokenizerError, prepare_tokenizer, train_bpe
+
+TOK = TokenizerConfig(vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["def f(x):\n    return x + 1\n", "the model masks tokens and fills them in"] * 20
+    return train_bpe(texts, 300)
+
+
+def test_pack_puts_eos_between_documents_and_drops_the_tail():
+    rows = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, eos_id=0)
+    assert rows.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    docs = [[1] * 5, [2] * 9, [3] * 2, [4] * 7]
+    assert [list(r) for r in pack_stream(iter(docs), 6, 0)] == pack(docs, 6, 0).tolist()
+
+
+def test_stdlib_corpus_is_found():
+    files = stdlib_files()
+    assert len(files) > 100 and all(f.endswith(".py") for f in files)
+    assert not any("site-packages" in f for f in files)
+
+
+def test_build_data_splits_by_document_and_adds_a_mask_token(tmp_path):
+    corpus = write_corpus(tmp_path / "c", n_docs=30)
+    cfg = DataConfig(dataset=str(corpus), file_glob="*.txt", seq_len=16, val_fraction=0.2)
+    data = build_data(cfg, TOK, seed=0)
+    tok = data.tokenizer
+    assert tok.mask_token is not None and tok.eos_token is not None
+    assert data.val["input_ids"].shape[1] == 16 and data.train.num_rows > 0
+    assert (data.train.rows["input_ids"] == tok.eos_token_id).any()
+    assert not (data.train.rows["input_ids"] == tok.mask_token_id).any()
+    assert 1 < data.stats["unigram_ppl"] < len(tok)
+    again = build_data(cfg, TOK, seed=0, tokenizer=tok)
+    assert torch.equal(again.train.rows["input_ids"], data.train.rows["input_ids"])  # same seed, same split
+
+
+def test_local_jsonl_file(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"document {i} " * 20}) for i in range(20)))
+    data = build_data(DataConfig(dataset=str(path), text_field="body", seq_len=16), TOK, 0, tokenizer=tokenizer)
+    assert data.train.num_rows > 0
+    with pytest.raises(DataError, match="data.text_field='text' is not a column.*body"):
+        build_data(DataConfig(dataset=str(path), seq_len=16), TOK, 0, tokenizer=tokenizer)
+
+
+def test_missing_data_path_is_a_clear_error():
+    with pytest.raises(DataError, match="'./no/such/dir' does not exist"):
+        build_data(DataConfig(dataset="./no/such/dir"), TOK, 0)
+    with pytest.raises(DataError, match="does not exist"):
+        build_data(DataConfig(dataset="missing.jsonl"), TOK, 0)
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no files match"):
+        build_data(DataConfig(dataset=str(tmp_path / "empty"), file_glob="*.txt"), TOK, 0)
+    tiny = write_corpus(tmp_path / "tiny", n_docs=3)
+    with pytest.raises(DataError, match="0 training rows of data.seq_len=4096"):
+        build_data(DataConfig(dataset=str(tiny), file_glob="*.txt", seq_len=4096), TOK, 0, tokenizer=tokenizer)
+
+
+def test_tokenizer_without_mask_token_when_adding_is_off(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    with pytest.raises(TokenizerError, match="no mask token and tokenizer.add_mask_token is false"):
+        prepare_tokenizer(bare, TokenizerConfig(add_mask_token=False))
+    grown = prepare_tokenizer(bare, TokenizerConfig(mask_token="<|my_mask|>"))
+    assert grown.mask_token == "<|my_mask|>" and grown.convert_tokens_to_ids("<|my_mask|>") == grown.mask_token_id
+
+
+def test_tensor_source_is_a_deterministic_function_of_the_step():
+    rows = {"input_ids": torch.arange(40).reshape(10, 4)}
+    src = TensorSource(rows, seed=3)
+    epoch0 = torch.cat([src.global_batch(s, 5)["input_ids"] for s in range(2)])
+    assert sorted(epoch0[:, 0].tolist()) == list(range(0, 40, 4))  # one epoch sees every row once
+    assert torch.equal(src.global_batch(7, 5)["input_ids"], TensorSource(rows, seed=3).global_batch(7, 5)["input_ids"])
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        src.global_batch(0, 11)
+
+
+def test_stream_source_replays_to_the_resume_position():
+    def make_rows(epoch):
+        return ({"input_ids": torch.tensor([epoch, i])} for i in range(7))
+
+    straight = StreamSource(make_rows, 0)
+    seq = [straight.global_batch(s, 3)["input_ids"] for s in range(4)]
+    resumed = StreamSource(make_rows, 0)
+    assert torch.equal(resumed.global_batch(3, 3)["input_ids"], seq[3])
+    assert seq[2][:, 0].tolist() == [0, 1, 1]  # rolls into the next epoch
+
+
+def test_streaming_build_matches_the_corpus(tmp_path):
+    corpus = write_corpus(tmp_path / "c", n_docs=20)
+    cfg = DataConfig(dataset=str(corpus), file_glob="*.txt", seq_len=16, streaming=True, max_val_sequences=2)
+    data = build_data(cfg, TOK, seed=0)
+    batch = data.train.global_batch(0, 4)["input_ids"]
+    assert batch.shape == (4, 16) and data.val["input_ids"].shape[1] == 16
+
+
+def test_chat_rows_mask_the_prompt_and_pad_with_eos(tokenizer):
+    cfg = DataConfig(format="chat", seq_len=24)
+    ids, loss_mask = chat_row({"prompt": "def f(x):", "response": "return x"}, tokenizer, cfg)
+    n_prompt = len(tokenizer("def f(x):", add_special_tokens=False)["input_ids"])
+    assert len(ids) == len(loss_mask) == 24
+    assert loss_mask[:n_prompt] == [0] * n_prompt and all(loss_mask[n_prompt:])
+    assert ids[-1] == tokenizer.eos_token_id
+    assert chat_row({"prompt": "x " * 100, "response": "y"}, tokenizer, cfg) is None  # prompt does not fit
+    with pytest.raises(DataError, match="needs 'messages' or 'prompt'"):
+        chat_row({"question": "q"}, tokenizer, cfg)

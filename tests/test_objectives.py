@@ -1,0 +1,230 @@
+"""SPEC §7 objective invariants."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from dlm.schedules import build_schedule
+from dlm.train.objectives import build_objective, subs_log_probs
+from dlm.train.objectives.ar import next_token_nll
+from dlm.train.objectives.exact_count import mask_exactly, stratified_counts
+from dlm.train.objectives.mdlm import mask_tokens, mdlm_token_losses
+
+V, MASK = 6, 5  # tiny vocabulary; the last id is the mask token
+
+
+class UnigramModel(nn.Module):
+    """Context-free: the same logits at every position, whatever the input."""
+
+    def __init__(self, logits_V: torch.Tensor):
+        super().__init__()
+        self.logits_V = logits_V
+
+    def forward(self, input_ids, attention_mask=None, attn_mode=None, output_mask=None, **_):
+        out = self.logits_V.expand(*input_ids.shape, -1)
+        return out[output_mask] if output_mask is not None else out
+
+
+def test_subs_gives_the_mask_token_zero_probability():
+    logp = subs_log_probs(torch.randn(3, 4, V) * 5, MASK)
+    assert torch.isneginf(logp[..., MASK]).all()
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, 4))
+
+
+def test_unmasked_positions_contribute_exactly_zero():
+    x0 = torch.randint(0, MASK, (4, 8))
+    zt, masked = mask_tokens(x0, torch.full((4, 1), 0.5), torch.rand(4, 8), MASK)
+    terms = mdlm_token_losses(torch.randn(4, 8, V), x0, zt, torch.full((4,), 0.5), build_schedule("loglinear"), MASK)
+    assert torch.equal(terms[~masked], torch.zeros_like(terms[~masked]))
+    assert (terms[masked] > 0).all()
+
+
+@pytest.mark.parametrize("name", ["mdlm", "exact_count"])
+def test_fast_path_equals_full_reference(name):
+    """The objective scores only masked rows through the LM head; it must equal the full-logits reference."""
+    model = tiny_model()
+    obj = build_objective(name, mask_token_id=63)
+    x0 = torch.randint(0, 63, (4, 16))
+    noise = obj.sample_noise((4, 16), torch.Generator().manual_seed(0))
+    fast = obj.loss(model, {"input_ids": x0}, noise)
+    if name == "mdlm":
+        zt, _ = mask_tokens(x0, (1 - obj.schedule.alpha(noise["t"]))[:, None], noise["u"], 63)
+        ref = mdlm_token_losses(model(zt).logits, x0, zt, noise["t"], obj.schedule, 63).sum()
+    else:
+        masked = mask_exactly(noise["scores"], noise["k"])
+        zt = torch.where(masked, torch.full_like(x0, 63), x0)
+        nll = -subs_log_probs(model(zt).logits, 63).gather(-1, x0[..., None]).squeeze(-1)
+        ref = ((16 / noise["k"].float())[:, None] * nll * masked).sum()
+    torch.testing.assert_close(fast.total, ref, rtol=1e-5, atol=1e-5)
+    assert fast.count.item() == x0.numel()
+
+
+def _mc_nelbo(name: str, model, x0: torch.Tensor, n: int, seed: int, **kw) -> tuple[float, float]:
+    """Mean and standard error of the per-sequence NELBO estimate over n independent draws."""
+    obj = build_objective(name, mask_token_id=MASK, **kw)
+    L = x0.shape[-1]
+    x = x0.expand(n, -1)
+    noise = obj.sample_noise((n, L), torch.Generator().manual_seed(seed))
+    # per-row estimates (to measure the spread) from the reference computation
+    if name == "exact_count":
+        masked = mask_exactly(noise["scores"], noise["k"])
+        weight = L / noise["k"].double()
+    else:
+        masked = noise["u"] < (1 - obj.schedule.alpha(noise["t"]))[:, None]
+        weight = obj.schedule.weight(noise["t"]).double()
+    zt = torch.where(masked, torch.full_like(x, MASK), x)
+    out = model(zt)
+    logits = out.logits if hasattr(out, "logits") else out
+    nll = -subs_log_probs(logits, MASK).gather(-1, x[..., None]).squeeze(-1).double()
+    per_row = weight * (nll * masked).sum(-1)
+    total = obj.loss(model, {"input_ids": x}, noise).total.item()
+    assert total == pytest.approx(per_row.sum().item(), rel=1e-5)  # the objective computes exactly these
+    return per_row.mean().item(), per_row.std().item() / math.sqrt(n)
+
+
+def exact_nelbo(model, x0: torch.Tensor) -> float:
+    """Σ_S (|S|−1)!(L−|S|)!/L! · Σ_{l∈S} −log p(x^l | x_{¬S}) over all non-empty mask sets S."""
+    L = x0.shape[-1]
+    total = 0.0
+    for r in range(1, L + 1):
+        for subset in itertools.combinations(range(L), r):
+            zt = x0.clone()
+            zt[0, list(subset)] = MASK
+            out = model(zt)
+            logp = subs_log_probs(out.logits if hasattr(out, "logits") else out, MASK)[0]
+            nll = sum(-logp[l, x0[0, l]].item() for l in subset)
+            total += math.factorial(r - 1) * math.factorial(L - r) / math.factorial(L) * nll
+    return total
+
+
+T_EPS = 1e-3  # t ~ U(T_EPS, 1): at T_EPS = 0 the 1/t estimator has infinite variance (E[X²] = ∫ dt/t)
+
+
+def time_truncation(schedule) -> float:
+    """E_t[w(t)(1 − α_t)] for t ~ U(T_EPS, 1) = (α(T_EPS) − α(1)) / (1 − T_EPS); exactly 1 for loglinear."""
+    a = schedule.alpha(torch.tensor([T_EPS, 1.0], dtype=torch.float64))
+    return ((a[0] - a[1]) / (1 - T_EPS)).item()
+
+
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine", "polynomial"])
+def test_single_token_nelbo_is_minus_log_p_given_mask(schedule):
+    logits = torch.randn(V)
+    model = UnigramModel(logits)
+    x0 = torch.tensor([[2]])
+    args = {} if schedule == "polynomial" else {"eps": 0.0}
+    target = -subs_log_probs(logits, MASK)[2].item()
+    assert exact_nelbo(model, x0) == pytest.approx(target)
+    mean, se = _mc_nelbo("mdlm", model, x0, 40000, 0, schedule=schedule, schedule_args=args, t_eps=T_EPS)
+    expected = target * time_truncation(build_schedule(schedule, **args))
+    assert abs(mean - expected) < 4 * se, (mean, expected, se)
+
+
+def test_unigram_model_nelbo_is_sum_of_minus_log_p():
+    logits = torch.randn(V)
+    model = UnigramModel(logits)
+    x0 = torch.tensor([[0, 3, 1, 4, 2, 2, 0]])
+    target = -subs_log_probs(logits, MASK)[x0[0]].sum().item()
+    assert exact_nelbo(model, x0) == pytest.approx(target)
+    mean, se = _mc_nelbo("mdlm", model, x0, 40000, 1, schedule_args={"eps": 0.0}, t_eps=T_EPS)
+    assert abs(mean - target) < 4 * se  # loglinear: w(t)(1 − α_t) = 1, unbiased for any T_EPS
+    # exact-count: (L/k)·Σ over a uniform k-subset has expectation Σ for every k
+    mean_k, se_k = _mc_nelbo("exact_count", model, x0, 20000, 2)
+    assert abs(mean_k - target) < 4 * se_k
+    assert se_k < se  # and a smaller spread than the 1/t estimator
+
+
+def test_estimators_agree_with_enumeration_on_a_real_model():
+    """1/t, cosine-weighted and exact-count estimators all converge to the enumerated NELBO."""
+    torch.manual_seed(0)
+    from dlm.model import DLMConfig, DLMModel
+
+    model = DLMModel(
+        DLMConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            mask_token_id=MASK,
+            initializer_range=0.5,
+        )
+    ).eval()
+    x0 = torch.tensor([[1, 4, 0]])
+    exact = exact_nelbo(model, x0)
+    with torch.no_grad():
+        est = {
+            "1/t": _mc_nelbo("mdlm", model, x0, 30000, 3, schedule_args={"eps": 0.0}, t_eps=T_EPS),
+            "cosine": _mc_nelbo(
+                "mdlm", model, x0, 30000, 4, schedule="cosine", schedule_args={"eps": 0.0}, t_eps=T_EPS
+            ),
+            "exact_count": _mc_nelbo("exact_count", model, x0, 30000, 5),
+        }
+    for name, (mean, se) in est.items():  # 0.2% allows for the truncation of t at T_EPS
+        assert abs(mean - exact) < 4 * se + 2e-3 * exact, f"{name}: {mean:.4f} ± {se:.4f} vs exact {exact:.4f}"
+    # the exact-count estimator has lower variance than the 1/t estimator
+    assert est["exact_count"][1] < est["1/t"][1]
+
+
+def test_stratified_counts_cover_every_stratum():
+    g = torch.Generator().manual_seed(0)
+    k = stratified_counts(64, 16, g)
+    assert k.min() >= 1 and k.max() <= 16
+    assert torch.equal(torch.bincount(k, minlength=17)[1:], torch.full((16,), 4))
+
+
+def test_mask_exactly_masks_k_positions():
+    scores = torch.rand(5, 12)
+    k = torch.tensor([1, 3, 6, 11, 12])
+    assert torch.equal(mask_exactly(scores, k).sum(-1), k)
+
+
+class Spy(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, input_ids, **kw):
+        self.seen.append(input_ids.clone())
+        return self.inner(input_ids, **kw)
+
+
+def test_sft_never_masks_the_prompt_and_normalises_by_answer_length():
+    logits = torch.randn(V)
+    spy = Spy(UnigramModel(logits))
+    obj = build_objective("sft", mask_token_id=MASK, schedule_args={"eps": 0.0}, t_eps=T_EPS)
+    x0 = torch.randint(0, MASK, (256, 10))
+    loss_mask = torch.zeros_like(x0)
+    loss_mask[:, 4:] = 1  # 4 prompt tokens, 6 answer tokens
+    noise = obj.sample_noise((256, 10), torch.Generator().manual_seed(0))
+    out = obj.loss(spy, {"input_ids": x0, "loss_mask": loss_mask}, noise)
+    zt = spy.seen[0]
+    assert torch.equal(zt[:, :4], x0[:, :4])
+    assert (zt[:, 4:] == MASK).any()
+    assert out.count.item() == 256
+    # context-free model: E[per-sequence loss] = Σ_answer −log p / answer_length
+    nll = -subs_log_probs(logits, MASK)[x0]
+    target = (nll[:, 4:].sum(-1) / 6).mean().item()
+    assert out.total.item() / 256 == pytest.approx(target, rel=0.1)
+
+
+def test_ar_loss_is_next_token_cross_entropy_in_causal_mode():
+    model = tiny_model()
+    x = torch.randint(0, 63, (3, 12))
+    out = build_objective("ar").loss(model, {"input_ids": x}, {})
+    logits = model(x, attn_mode="causal").logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), x[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(out.total, ref)
+    assert out.count.item() == 3 * 11
+    torch.testing.assert_close(next_token_nll(logits, x).sum(), ref)
+
+
+def test_unknown_objective_lists_known():
+    from dlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown objective 'mdlmm'.*Did you mean 'mdlm'") as exc:
+        build_objective("mdlmm", mask_token_id=1)
+    assert all(name in str(exc.value) for name in ("ar", "exact_count", "mdlm", "sft"))

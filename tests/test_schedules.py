@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from dlm.config import ConfigError
+from dlm.schedules import SCHEDULES, build_schedule, sample_times
+
+ALL = [
+    ("loglinear", {"eps": 0.0}),
+    ("loglinear", {"eps": 1e-3}),
+    ("cosine", {"eps": 0.0}),
+    ("cosine", {"eps": 1e-3}),
+    ("polynomial", {"k": 1.0}),
+    ("polynomial", {"k": 3.0}),
+]
+
+
+@pytest.mark.parametrize("name, kw", ALL)
+def test_weight_is_minus_dalpha_over_one_minus_alpha(name, kw):
+    sched = build_schedule(name, **kw)
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64, requires_grad=True)
+    alpha = sched.alpha(t)
+    (dalpha,) = torch.autograd.grad(alpha.sum(), t)
+    expected = -dalpha / (1 - alpha)  # for the eps-schedules the (1 - eps) factors cancel exactly
+    torch.testing.assert_close(sched.weight(t.detach()), expected.detach(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, kw", ALL)
+def test_alpha_endpoints_and_inverse(name, kw):
+    sched = build_schedule(name, **kw)
+    t = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    assert sched.alpha(t[:1]).item() == pytest.approx(1.0)
+    assert sched.alpha(t[-1:]).item() == pytest.approx(kw.get("eps", 0.0), abs=1e-12)
+    torch.testing.assert_close(sched.alpha_inverse(sched.alpha(t)), t, atol=1e-6, rtol=0)
+
+
+def test_closed_form_weights():
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(build_schedule("loglinear").weight(t), 1 / t)
+    torch.testing.assert_close(build_schedule("polynomial", k=2.0).weight(t), 2 / t)
+    cos = build_schedule("cosine")
+    torch.testing.assert_close(
+        cos.weight(t), (math.pi / 2) * torch.sin(math.pi * t / 2) / (1 - torch.cos(math.pi * t / 2))
+    )
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_antithetic_times_one_per_stratum(n):
+    g = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        t = sample_times(n, g, 0.0, antithetic=True)
+        strata = torch.sort((t * n).floor().long()).values
+        assert torch.equal(strata, torch.arange(n))
+
+
+def test_times_lie_in_eps_one():
+    t = sample_times(1000, torch.Generator().manual_seed(0), 0.25, antithetic=False)
+    assert t.min() >= 0.25 and t.max() <= 1.0
+
+
+def test_schedule_errors():
+    with pytest.raises(ConfigError, match="known schedules: cosine, loglinear, polynomial"):
+        build_schedule("cosin")
+    with pytest.raises(ConfigError, match="has no parameter 'kk'.*Did you mean 'k'"):
+        build_schedule("polynomial", kk=2)
+    with pytest.raises(ConfigError, match="eps=1.5 must lie in"):
+        build_schedule("loglinear", eps=1.5)
+    assert set(SCHEDULES.names()) == {"loglinear", "cosine", "polynomial"}

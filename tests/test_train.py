@@ -1,0 +1,244 @@
+"""End-to-end training: artefacts, exact resume, divergence handling, two processes, CLI."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from conftest import tiny_recipe
+from dlm.cli import main as cli_main
+from dlm.config import ConfigError
+from dlm.train.checkpoint import list_checkpoints
+from dlm.train.loop import TrainingDivergedError, main
+from dlm.train.objectives import OBJECTIVES, LossOutput
+from dlm.train.objectives.mdlm import MDLMObjective
+from dlm.train.plot import read_log
+
+TESTS = Path(__file__).parent
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if "loss" in r}
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("objective", ["mdlm", "exact_count", "ar"])
+def test_training_writes_checkpoints_log_plot_and_a_loadable_model(tmp_path, objective):
+    cfg = tiny_recipe(tmp_path, objective=objective)
+    result = main(cfg)
+    run = Path(cfg.train.output_dir)
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
+    assert not list(run.glob(".tmp-*"))
+    assert (run / "curves.png").stat().st_size > 1000
+    assert set(losses(run)) == set(range(1, 7))
+    assert result.val_ppl is not None and 1 < result.val_ppl < 1e4
+    assert result.bound == ("nll" if objective == "ar" else "nelbo")
+    loaded = AutoModel.from_pretrained(run / "final").eval()
+    assert loaded.config.attention_mode == ("causal" if objective == "ar" else "bidirectional")
+    x = torch.randint(0, 300, (1, 8))
+    torch.testing.assert_close(loaded(x).logits, result.model.eval()(x).logits)
+    assert result.samples and isinstance(result.samples[0], str)
+
+
+def test_training_lowers_the_validation_bound(tmp_path):
+    cfg = tiny_recipe(
+        tmp_path,
+        train={"max_steps": 40, "eval_every": 40, "save_every": 40, "log_every": 10},
+        sample={"num_samples": 0},
+    )
+    result = main(cfg)
+    first, last = result.losses[:5], result.losses[-5:]
+    assert sum(last) < 0.8 * sum(first)
+    assert result.val_ppl < 0.8 * 300  # well below a uniform guess over the vocabulary
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """2k steps straight == k steps, killed, resumed, k more: identical losses and weights (CPU, fp32)."""
+    import dlm.train.loop as loop
+
+    train = {"max_steps": 8, "save_every": 4, "eval_every": 4, "ema_decay": 0.9}
+    cfg_a = tiny_recipe(
+        tmp_path / "a", train={**train, "output_dir": str(tmp_path / "a/run")}, sample={"num_samples": 0}
+    )
+    cfg_b = tiny_recipe(
+        tmp_path / "b", train={**train, "output_dir": str(tmp_path / "b/run")}, sample={"num_samples": 0}
+    )
+    straight = main(cfg_a)
+
+    real_save = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == "checkpoint-4":
+            raise Killed  # the process dies right after its step-4 checkpoint
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        main(cfg_b)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = main(cfg_b)  # same recipe; train.resume=auto picks up checkpoint-4
+    assert resumed.final_step == 8 and len(resumed.losses) == 4
+    a, b = losses(tmp_path / "a/run"), losses(tmp_path / "b/run")
+    assert a == b  # bitwise: same batches, same noise, same optimizer and scheduler state
+    wa, wb = weights(straight.model), weights(resumed.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ema_a = load_file(tmp_path / "a/run/checkpoint-8/ema.safetensors")
+    ema_b = load_file(tmp_path / "b/run/checkpoint-8/ema.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert straight.val_ppl == resumed.val_ppl
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0})
+    main(cfg)
+    with pytest.raises(ConfigError, match="already holds checkpoint-6.*train.resume=auto"):
+        main(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="never")))
+
+
+class NaNAfter(MDLMObjective):
+    """MDLM whose loss turns NaN from the 4th training call on (validation calls excluded)."""
+
+    name = "nan_after_3"
+    calls = 0
+
+    def loss(self, model, batch, noise):
+        out = super().loss(model, batch, noise)
+        if model.training:
+            type(self).calls += 1
+            if type(self).calls >= 4:
+                return LossOutput(out.total * float("nan"), out.count)
+        return out
+
+
+if "nan_after_3" not in OBJECTIVES:
+    OBJECTIVES.register("nan_after_3")(lambda **kw: NaNAfter(**kw))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    NaNAfter.calls = 0
+    cfg = tiny_recipe(
+        tmp_path, objective="nan_after_3", train={"save_every": 2, "eval_every": 2}, sample={"num_samples": 0}
+    )
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 4.*checkpoint-2 \(step 2\)"):
+        main(cfg)
+    run = Path(cfg.train.output_dir)
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]
+    state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    ckpt = load_file(run / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in ckpt.values())
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0})
+    main(cfg)
+    run = Path(cfg.train.output_dir)
+    broken = run / "checkpoint-99"
+    shutil.copytree(run / "checkpoint-6", broken)
+    (broken / "trainer_state.json").unlink()  # as if the process died before the rename
+    assert list_checkpoints(run)[-1].name == "checkpoint-6"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    script = str(TESTS / "dist_train.py")
+    two, one = tmp_path / "two", tmp_path / "one"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            script,
+            str(recipe),
+            f"train.output_dir={two}",
+            "train.micro_batch_size=2",
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, script, str(recipe), f"train.output_dir={one}", "train.micro_batch_size=4"],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    r0, r1, single = (
+        load_file(p) for p in (two / "rank0.safetensors", two / "rank1.safetensors", one / "rank0.safetensors")
+    )
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the ranks hold identical weights
+    for k in r0:
+        torch.testing.assert_close(r0[k], single[k], atol=1e-5, rtol=1e-4)
+    l2, l1 = losses(two), losses(one)
+    assert l2.keys() == l1.keys() and all(abs(l2[s] - l1[s]) < 1e-4 for s in l1)
+
+
+def test_cli_help_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--help"])
+    assert exc.value.code == 0
+    assert "train" in capsys.readouterr().out
+    assert cli_main(["train", "quickstart", "optim.lrr=1"]) == 2
+    assert "Did you mean 'lr'" in capsys.readouterr().err
+    assert cli_main(["generate", str(tmp_path / "nothing")]) == 2
+    assert "no dlm model at" in capsys.readouterr().err
+
+
+def test_cli_train_then_generate(tmp_path, capsys):
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert cli_main(["train", str(recipe), "train.max_steps=3"]) == 0
+    assert (Path(cfg.train.output_dir) / "final" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert (
+        cli_main(
+            [
+                "generate",
+                cfg.train.output_dir,
+                "--prompt",
+                "the model",
+                "--prompt",
+                "def",
+                "--gen-length",
+                "8",
+                "--steps",
+                "4",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "=== 'the model'" in out and "=== 'def'" in out
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("dlm")
+    assert exe is not None, "pip install -e . should put a 'dlm' console script on PATH"
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "generate" in res.stdout

@@ -1,0 +1,15 @@
+"""``python -m dlm.train RECIPE.yaml key=value ...`` / ``accelerate launch -m dlm.train ...``"""
+
+from __future__ import annotations
+
+import sys
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from dlm.cli import main as dlm_main
+
+    return dlm_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,133 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint directory ``checkpoint-<step>`` holds the HF-format model (safetensors) and
+tokenizer, ``optimizer.pt``, ``scheduler.pt``, ``ema.safetensors`` (when EMA is on),
+``rng_<rank>.pt`` per process, and ``trainer_state.json``. It is written into a hidden
+temporary directory and renamed into place only when complete, so a crash mid-save never
+leaves a half-written checkpoint that resume would pick up; older checkpoints are pruned
+only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "checkpoint-"
+STATE = "trainer_state.json"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+        if match and (path / STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    ema,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".tmp-{PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        with open(tmp / STATE, "w") as fh:  # written last: its presence marks a complete checkpoint
+            json.dump({**state, "step": step}, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state."""
+    state_path = path / STATE
+    if not state_path.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a complete dlm checkpoint (no {STATE}); "
+            f"pick one of {[p.name for p in list_checkpoints(path.parent)]}"
+        )
+    weights = path / "model.safetensors"
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = load_file(weights)
+    missing, unexpected = unwrapped.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if unwrapped.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}; resume with the recipe that wrote it"
+        )
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    if ema is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise ValueError(f"checkpoint {path} was written without EMA; resume with train.ema_decay=0")
+        ema.load_state_dict(load_file(path / "ema.safetensors"))
+    rng_path = path / f"rng_{accelerator.process_index}.pt"
+    if rng_path.is_file():
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    with open(state_path) as fh:
+        return json.load(fh)

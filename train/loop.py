@@ -1,0 +1,399 @@
+"""The one training loop for every objective (MDLM, exact-count, SFT, AR).
+
+    dlm train recipes/quickstart.yaml train.max_steps=2000
+    accelerate launch -m dlm.train recipes/quickstart.yaml            # any accelerate config
+    accelerate launch --multi_gpu --num_processes 2 -m dlm.train recipes/quickstart.yaml
+
+Setup → loop → save. Distribution, mixed precision and trackers come from accelerate. Each
+step draws its global batch and noise as fixed functions of ``(seed, step)`` (see
+``dlm.data`` and ``dlm.train.objectives``), which is what makes resume exact and N processes
+equal to one with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from dlm.config import ConfigError, to_dict
+from dlm.data import build_data
+from dlm.model.build import build_model
+from dlm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dlm.train.config import RecipeConfig
+from dlm.train.ema import EMA
+from dlm.train.objectives import Objective, build_objective
+
+log = logging.getLogger("dlm.train")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient became NaN/inf; training stopped before applying the update."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_step: int
+    val_ppl: float | None
+    bound: str
+    unigram_ppl: float | None
+    wall_time_s: float
+    losses: list[float] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+    """The trained model on this process (unwrapped; EMA weights are in output_dir/final)."""
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    existing = list_checkpoints(output_dir)
+    if resume == "auto":
+        return existing[-1] if existing else None
+    if resume == "never":
+        if existing:
+            raise ConfigError(
+                f"train.output_dir={str(output_dir)!r} already holds {existing[-1].name}; continue it "
+                "with train.resume=auto, or choose a new train.output_dir (nothing was overwritten)"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(
+            f"train.resume={resume!r}: no such checkpoint directory; use auto, never, or a checkpoint-<step> directory"
+        )
+    return path
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def rank_rows(micro: int, accum_index: int, world: int, rank: int) -> slice:
+    start = (accum_index * world + rank) * micro
+    return slice(start, start + micro)
+
+
+@torch.no_grad()
+def evaluate(
+    model, objective: Objective, val_rows: dict[str, torch.Tensor], batch_size: int, seed: int, accelerator: Accelerator
+) -> float:
+    """``exp(Σ total / Σ count)`` over the validation rows with fixed noise: the NELBO
+    perplexity bound for diffusion objectives, the perplexity for AR."""
+    was_training = model.training
+    model.eval()
+    n, length = val_rows["input_ids"].shape
+    noise = objective.sample_noise((n, length), torch.Generator().manual_seed(seed + 7919))
+    shard = range(accelerator.process_index, n, accelerator.num_processes)
+    idx = torch.tensor(list(shard), dtype=torch.long)
+    total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for start in range(0, len(idx), batch_size):
+        rows = idx[start : start + batch_size]
+        batch = {k: v[rows].to(accelerator.device) for k, v in val_rows.items()}
+        with accelerator.autocast():
+            out = objective.loss(model, batch, {k: v[rows] for k, v in noise.items()})
+        total += out.total.double()
+        count += out.count.double()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    model.train(was_training)
+    return math.exp(total.item() / count.item())
+
+
+def _trackers(names: list[str]) -> list[str]:
+    if names != ["auto"]:
+        return [n for n in names if n != "auto"]
+    try:
+        import tensorboard  # noqa: F401
+
+        return ["tensorboard"]
+    except ImportError:
+        return []
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log records written after the checkpoint's step."""
+    if not path.is_file():
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+def main(cfg: RecipeConfig) -> TrainResult:
+    """Train from a recipe. ``accelerate launch -m dlm.train RECIPE.yaml key=value ...``"""
+    t0 = time.time()
+    out = Path(cfg.train.output_dir)
+    # torchrun / accelerate launch on a machine without CUDA: run the processes as gloo CPU ranks
+    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=cpu_ranks or None,
+        log_with=_trackers(list(cfg.train.trackers)) or None,
+        project_dir=str(out),
+    )
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    resume_from = resolve_resume(cfg.train.resume, out)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # --- data and tokenizer: the main process trains/loads the tokenizer, the others reuse it
+    tok_dir = out / "tokenizer"
+    with accelerator.main_process_first():
+        tokenizer = None
+        if resume_from is not None:
+            tokenizer = AutoTokenizer.from_pretrained(resume_from)
+        elif not accelerator.is_main_process:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        data = build_data(cfg.data, cfg.tokenizer, cfg.seed, tokenizer=tokenizer)
+        if accelerator.is_main_process and resume_from is None:
+            data.tokenizer.save_pretrained(tok_dir)
+    tok = data.tokenizer
+
+    # --- model, objective, optimiser
+    model = build_model(
+        cfg.model, len(tok), tok.mask_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    if cfg.data.seq_len > model.config.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
+            f"{model.config.max_position_embeddings}; lower data.seq_len or use a longer-context model"
+        )
+    objective = build_objective(
+        cfg.objective,
+        mask_token_id=tok.mask_token_id,
+        schedule=cfg.diffusion.schedule,
+        schedule_args=dict(cfg.diffusion.schedule_args),
+        t_eps=cfg.diffusion.t_eps,
+        antithetic=cfg.diffusion.antithetic,
+    )
+    if objective.name == "ar":
+        model.config.attention_mode = "causal"
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    )
+    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step, last_good = 0, None
+    log_path = out / "log.jsonl"
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler, ema)
+        start_step, last_good = state["step"], resume_from
+        if accelerator.is_main_process:
+            _trim_log(log_path, start_step)
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    elif accelerator.is_main_process and log_path.exists():
+        log_path.unlink()
+
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    world, micro, accum = accelerator.num_processes, cfg.train.micro_batch_size, cfg.train.grad_accum
+    global_batch = micro * world * accum
+    seq_len = cfg.data.seq_len
+    accelerator.init_trackers("dlm", config={k: str(v) for k, v in to_dict(cfg).items()})
+    if accelerator.is_main_process:
+        accelerator.print(
+            f"dlm train | objective={objective.name} params={n_params / 1e6:.2f}M vocab={len(tok)} seq_len={seq_len} "
+            f"global_batch={global_batch} ({world} process(es) x {micro} x {accum} accum) "
+            f"train_rows={int(data.stats.get('train_rows', 0)) or 'streamed'} "
+            f"unigram_ppl={data.stats.get('unigram_ppl', float('nan')):.2f}"
+        )
+
+    def write_log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def state_dict() -> dict:
+        return {"objective": objective.name, "seed": cfg.seed, "global_batch": global_batch, "data_position": step + 1}
+
+    def validate(step_no: int) -> float:
+        ctx = ema.swapped_in(accelerator.unwrap_model(model)) if ema is not None else nullcontext()
+        with ctx:
+            ppl = evaluate(model, objective, data.val, cfg.train.eval_batch_size, cfg.seed, accelerator)
+        write_log({"step": step_no, "val_ppl": ppl, "bound": objective.bound})
+        return ppl
+
+    model.train()
+    losses: list[float] = []
+    val_ppl = None
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=start_step,
+        disable=not accelerator.is_main_process,
+        desc=f"train {objective.name}",
+        dynamic_ncols=True,
+    )
+    tick, last_logged = time.time(), start_step
+    step = start_step
+    for step in range(start_step, cfg.train.max_steps):
+        gen = step_generator(cfg.seed, step)
+        batch_global = data.train.global_batch(step, global_batch)
+        noise_global = objective.sample_noise((global_batch, seq_len), gen)
+        step_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        step_count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        for a in range(accum):
+            rows = rank_rows(micro, a, world, accelerator.process_index)
+            batch = {k: v[rows].to(accelerator.device) for k, v in batch_global.items()}
+            noise = {k: v[rows] for k, v in noise_global.items()}
+            sync = accelerator.no_sync(model) if a < accum - 1 else nullcontext()
+            with sync, accelerator.autocast():
+                res = objective.loss(model, batch, noise)
+                accelerator.backward(res.total / res.count / accum)
+            step_total += res.total.detach().double()
+            step_count += res.count.detach().double()
+        step_total = accelerator.reduce(step_total, "sum")
+        step_count = accelerator.reduce(step_count, "sum")
+        loss = (step_total / step_count).item()
+        grad_norm = (
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if cfg.optim.grad_clip > 0
+            else torch.tensor(0.0)
+        )
+        if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
+            bar.close()
+            accelerator.end_training()
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            keep = (
+                f"the last good checkpoint is {last_good} (step {int(str(last_good).rsplit('-', 1)[-1])})"
+                if last_good
+                else "no checkpoint had been written yet"
+            )
+            raise TrainingDivergedError(
+                f"{what} became {loss if what == 'loss' else float(grad_norm)} at step {step + 1}; training stopped "
+                f"before applying that update, and {keep}. Lower optim.lr, raise optim.warmup_steps or use "
+                "train.mixed_precision=no, then resume (train.resume=auto)."
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+        losses.append(loss)
+        done = step + 1
+        bar.update(1)
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            elapsed = max(time.time() - tick, 1e-9)
+            steps_run, last_logged = done - last_logged, done
+            write_log(
+                {
+                    "step": done,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": steps_run * global_batch * seq_len / elapsed,
+                }
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            tick = time.time()
+        if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
+            val_ppl = validate(done)
+            bar.write(
+                f"step {done}: validation {'NELBO perplexity bound' if objective.bound == 'nelbo' else 'perplexity'}"
+                f" {val_ppl:.2f}"
+            )
+        if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
+            last_good = save_checkpoint(
+                accelerator,
+                out,
+                done,
+                model,
+                tok,
+                optimizer,
+                scheduler,
+                ema,
+                {**state_dict(), "val_ppl": val_ppl},
+                cfg.train.keep_checkpoints,
+            )
+    bar.close()
+    final_step = max(step + 1, start_step) if cfg.train.max_steps > start_step else start_step
+    if val_ppl is None:  # resumed at or past max_steps: nothing ran
+        val_ppl = validate(final_step)
+
+    # --- export: the (EMA) model and tokenizer, atomically, then the plot and a few samples
+    samples: list[str] = []
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        final_dir, tmp = out / "final", out / ".tmp-final"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        with ema.swapped_in(unwrapped) if ema is not None else nullcontext():
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+        if cfg.train.plot and log_path.is_file():
+            from dlm.train.plot import plot_curves
+
+            plot_curves(log_path, out / "curves.png", title=f"{objective.name} · {cfg.train.output_dir}")
+        if cfg.sample.num_samples > 0:
+            samples = _samples(unwrapped, tok, cfg, objective.name, ema)
+            for i, text in enumerate(samples):
+                accelerator.print(f"--- sample {i + 1} ---\n{text}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    wall = time.time() - t0
+    label = "NELBO perplexity bound" if objective.bound == "nelbo" else "perplexity"
+    accelerator.print(
+        f"done in {wall:.0f}s | validation {label} {val_ppl:.2f} | unigram perplexity "
+        f"{data.stats.get('unigram_ppl', float('nan')):.2f} | model: {out / 'final'}"
+    )
+    return TrainResult(
+        out, final_step, val_ppl, objective.bound, data.stats.get("unigram_ppl"), wall, losses, samples, unwrapped
+    )
+
+
+def _samples(model, tok, cfg: RecipeConfig, objective: str, ema) -> list[str]:
+    from dlm.decode.ancestral import AncestralDecoder
+    from dlm.decode.autoregressive import AutoregressiveDecoder
+
+    model.eval()
+    prompt = tok(cfg.sample.prompt, add_special_tokens=False)["input_ids"] if cfg.sample.prompt else []
+    prompt_ids = torch.tensor([prompt] * cfg.sample.num_samples, dtype=torch.long).reshape(cfg.sample.num_samples, -1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if objective == "ar":
+        decoder = AutoregressiveDecoder(gen_length=cfg.sample.gen_length, temperature=cfg.sample.temperature)
+    else:
+        decoder = AncestralDecoder(
+            gen_length=cfg.sample.gen_length, steps=cfg.sample.steps, temperature=cfg.sample.temperature
+        )
+    device = next(model.parameters()).device
+    with torch.no_grad(), ema.swapped_in(model) if ema is not None else nullcontext():
+        result = decoder(model, prompt_ids.to(device), generator=gen)
+    model.train()
+    return tok.batch_decode(result.tokens, skip_special_tokens=False)
