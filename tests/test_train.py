@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -242,3 +243,34 @@ def test_console_script_is_installed():
     assert exe is not None, "pip install -e . should put a 'dlm' console script on PATH"
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "generate" in res.stdout
+
+
+def test_sft_on_chat_data_end_to_end(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(200):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        rows.append({"prompt": f"{a} plus {b} is", "response": f" {a + b}"})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = tiny_recipe(
+        tmp_path,
+        objective="sft",
+        data={"dataset": str(path), "format": "chat", "seq_len": 16},
+        sample={"num_samples": 0},
+    )
+    result = main(cfg)
+    assert result.bound == "nelbo" and result.val_ppl > 1 and len(result.losses) == 6
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    cfg = tiny_recipe(
+        tmp_path,
+        train={"mixed_precision": "bf16", "max_steps": 2, "save_every": 2, "eval_every": 2},
+        sample={"num_samples": 0},
+    )
+    result = main(cfg)
+    assert all(math.isfinite(x) for x in result.losses)
+    assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -153,6 +154,9 @@ def main(cfg: RecipeConfig) -> TrainResult:
     out = Path(cfg.train.output_dir)
     # torchrun / accelerate launch on a machine without CUDA: run the processes as gloo CPU ranks
     cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A second main() in one process (notebooks, tests) may ask for other precision settings:
+    # drop the per-run accelerator state, keep the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         cpu=cpu_ranks or None,
@@ -308,16 +312,17 @@ def main(cfg: RecipeConfig) -> TrainResult:
         if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
             elapsed = max(time.time() - tick, 1e-9)
             steps_run, last_logged = done - last_logged, done
+            window = losses[-steps_run:]  # the mean over the logging window makes a readable curve
             write_log(
                 {
                     "step": done,
-                    "loss": loss,
+                    "loss": sum(window) / len(window),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": steps_run * global_batch * seq_len / elapsed,
                 }
             )
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             tick = time.time()
         if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
             val_ppl = validate(done)
