@@ -1,4 +1,4 @@
-"""What every decoder returns, and the model-call helper all decoders share."""
+"""What every decoder returns, and helpers all decoders share."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ class DecodeOutput:
     tokens: Tensor
     """[B, P + G] prompt followed by the generation."""
     step_map: Tensor
-    """[B, P + G] step at which each position was decoded; -1 for prompt and padding."""
+    """[B, P + G] step at which each position was decoded; -1 for prompt, padding and EOS fill."""
     logprobs: Tensor
-    """[B, P + G] float64 log-probability each token had when it was decoded; 0 for the prompt."""
+    """[B, P + G] float64 log-probability each token had when it was decoded; 0 elsewhere."""
     nfe: Tensor
     """[B] model evaluations each sequence needed."""
     model_calls: int
     """Batched forward passes actually run."""
     prompt_length: int
     history: list[Tensor] = field(default_factory=list)
-    """Canvas after each step (when recorded), for visualising the unmasking order."""
+    """Canvas after each step (when recorded), for replaying the unmasking order."""
+    times: Tensor | None = None
+    """[B, P + G] float64 diffusion time at which each position was unmasked (first-hitting sampler)."""
 
     @property
     def generated(self) -> Tensor:
@@ -40,11 +42,10 @@ def resolve_mask_token_id(model: nn.Module, mask_token_id: int | None) -> int:
 
 def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Logits ``[B, T, V]`` from any model taking ``input_ids`` (and ``attention_mask``)."""
-    out = (
-        model(input_ids=input_ids, attention_mask=attention_mask)
-        if attention_mask is not None
-        else model(input_ids=input_ids)
-    )
+    if attention_mask is None:
+        out = model(input_ids=input_ids)
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
     return out.logits if hasattr(out, "logits") else out
 
 

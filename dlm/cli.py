@@ -40,34 +40,111 @@ def resolve_checkpoint(path: str) -> Path:
     )
 
 
+DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
+    "gen_length": "gen_length",
+    "steps": "steps",
+    "block_length": "block_length",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "cfg_scale": "cfg_scale",
+    "remasking": "remasking",
+    "threshold": "threshold",
+    "factor": "factor",
+    "tokens_per_call": "tokens_per_call",
+}
+
+
+def decoder_settings(args: argparse.Namespace) -> dict:
+    """Settings for ``build_decoder`` from the CLI; an option the decoder does not take is an error."""
+    from dataclasses import fields
+
+    from dlm.config import ConfigError
+    from dlm.decode import DECODERS, decoder_names
+
+    decoder_names()  # registers the built-ins
+    allowed = {f.name for f in fields(DECODERS.get(args.decoder))}
+    settings = {}
+    for option, key in DECODER_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if key not in allowed:
+            raise ConfigError(f"--{option.replace('_', '-')} does not apply to --decoder {args.decoder}")
+        settings[key] = value
+    if args.decoder == "confidence":
+        if args.threshold is not None and args.factor is not None:
+            raise ConfigError("give --threshold or --factor, not both")
+        settings["rule"] = (
+            "threshold" if args.threshold is not None else "factor" if args.factor is not None else "schedule"
+        )
+    return settings
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     import dlm  # noqa: F401  (registers the Auto classes)
-    from dlm.decode.ancestral import AncestralDecoder
+    from dlm.config import ConfigError
+    from dlm.decode import build_decoder
+    from dlm.decode.show import render_frames, replay
+    from dlm.decode.stopping import StopStrings, cut_at_stop
 
     ckpt = resolve_checkpoint(args.checkpoint)
     tok = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModel.from_pretrained(ckpt).to(args.device).eval()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModel.from_pretrained(ckpt, dtype=dtype).to(args.device).eval()
     prompts = list(args.prompt or [""])
     if args.prompt_file:
         prompts = [line.rstrip("\n") for line in open(args.prompt_file) if line.strip()]
+        if not prompts:
+            raise ConfigError(f"--prompt-file {args.prompt_file} has no prompts (one per line)")
+    texts = prompts
+    if args.chat:
+        if not tok.chat_template:
+            raise ConfigError(f"the tokenizer at {ckpt} has no chat template; drop --chat")
+        texts = [
+            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+    texts = [t for t in texts for _ in range(args.num_samples)]
     prompts = [p for p in prompts for _ in range(args.num_samples)]
     tok.padding_side = "left"
-    enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    decoder = AncestralDecoder(gen_length=args.gen_length, steps=args.steps, temperature=args.temperature)
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    settings = decoder_settings(args)
+    settings.setdefault("steps", args.gen_length)
+    try:
+        decoder = build_decoder(
+            args.decoder, record_history=args.show, stop=StopStrings(tok, args.stop) if args.stop else None, **settings
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     gen = torch.Generator().manual_seed(args.seed)
     out = decoder(
         model, enc["input_ids"].to(args.device), attention_mask=enc["attention_mask"].to(args.device), generator=gen
     )
+    if args.show and out.history:
+        frames = render_frames(
+            out.history, tok, out.prompt_length, model.config.mask_token_id, color=sys.stdout.isatty()
+        )
+        replay(frames, prompts[0])
     for prompt, ids, nfe in zip(prompts, out.generated, out.nfe):
-        print(f"=== {prompt!r} (NFE {int(nfe)})\n{prompt}{tok.decode(ids, skip_special_tokens=False)}")
+        text = tok.decode(ids, skip_special_tokens=True)
+        if args.stop:
+            text = cut_at_stop(text, args.stop)
+        print(f"=== {prompt!r} (NFE {int(nfe)})\n{prompt}{text}")
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench_train(args: argparse.Namespace) -> int:
     from dlm.eval.bench_train import main as bench_main
+
+    return bench_main(args)
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from dlm.eval.bench_decode import main as bench_main
 
     return bench_main(args)
 
@@ -88,14 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample from a trained model")
     p.add_argument("checkpoint", help="model directory, or a training output_dir")
-    p.add_argument("--prompt", action="append", help="prompt text (repeatable); empty = unconditional")
-    p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable); none = unconditional")
+    p.add_argument("--prompt-file", help="one prompt per line (batched)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--decoder", default="confidence", choices=["ancestral", "first_hitting", "confidence"])
     p.add_argument("--gen-length", type=int, default=128)
-    p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--remasking",
+        choices=["confidence", "margin", "entropy", "random"],
+        default=None,
+        help="confidence decoder: how candidates are scored",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="confidence decoder: Fast-dLLM threshold rule")
+    p.add_argument("--factor", type=float, default=None, help="confidence decoder: Fast-dLLM factor rule")
+    p.add_argument("--tokens-per-call", type=int, default=None, help="first_hitting: tokens per model call")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--show", action="store_true", help="replay the unmasking step by step in the terminal")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("bench", help="benchmarks")
@@ -113,7 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--device", default="cuda" if _cuda() else "cpu")
     b.add_argument("--json", help="write the results here as JSON")
-    b.set_defaults(func=_bench)
+    b.set_defaults(func=_bench_train)
+
+    b = bench.add_parser("decode", help="decoders: model time vs sampler overhead, NFE, tokens/s")
+    b.add_argument("--hidden-size", type=int, default=128)
+    b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--heads", type=int, default=4)
+    b.add_argument("--vocab-size", type=int, default=32768)
+    b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--prompt-length", type=int, default=16)
+    b.add_argument("--gen-lengths", default="256,1024")
+    b.add_argument("--steps", type=int, default=None, help="default: the generation length")
+    b.add_argument("--block-length", type=int, default=32)
+    b.add_argument("--decoders", default=None, help="comma list of labels to run (default: all)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    b.add_argument("--json", help="write the results here as JSON")
+    b.set_defaults(func=_bench_decode)
     return parser
 
 

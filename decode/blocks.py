@@ -1,0 +1,244 @@
+"""The semi-autoregressive block loop every decoder runs on (SPEC §3).
+
+The generation is split into blocks of ``block_length`` decoded left to right; ``steps`` are
+spread evenly over them; positions beyond the current block are never eligible. Inside a
+block an *in-block policy* (ancestral, first-hitting, confidence) decides at each step which
+masked positions to decode and draws their tokens. One block of ``gen_length`` is plain
+(non-semi-AR) decoding.
+
+``Logits`` serves the policies: it calls the model lazily, only when a row that needs logits
+changed since the last call (the no-change cache: exact for models without a time input),
+counts each row's evaluations honestly, applies SUBS (the mask token gets probability 0) and
+classifier-free guidance (the unconditional branch masks the prompt; LLaDA's
+``l_u + (s + 1)(l_c − l_u)``).
+
+After each block, rows that produced EOS (or meet the ``stop`` criterion) are finished: the
+rest of their generation is filled with EOS and receives no further computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, model_logits, resolve_mask_token_id
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    gen_length: int = 128
+    """Tokens to generate."""
+    steps: int = 128
+    """Denoising steps over the whole generation (split evenly over blocks)."""
+    block_length: int | None = None
+    """Semi-autoregressive block length; None = one block of gen_length."""
+    mask_token_id: int | None = None
+    """None: taken from the model config."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float = 0.0
+    """Classifier-free guidance scale (0 = off); doubles the model calls' batch."""
+    eos_token_id: int | None = None
+    """None: taken from the model config when present."""
+    stop_at_eos: bool = True
+    """Finish a row at the end of the block in which it produced EOS."""
+    stop: Callable[[Tensor], Tensor] | None = None
+    """Optional criterion ``generated [B, G'] -> finished [B]`` checked after each block (stop strings)."""
+    record_history: bool = False
+    """Keep the canvas after every step (``DecodeOutput.history``), for replay."""
+
+    def __post_init__(self):
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length={self.gen_length} must be >= 1")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        block = self.block_length or self.gen_length
+        if block < 1 or self.gen_length % block:
+            raise ValueError(
+                f"block_length={self.block_length} does not divide gen_length={self.gen_length}; "
+                f"choose a divisor (e.g. {largest_divisor(self.gen_length, block)}) or raise gen_length to a multiple"
+            )
+        if self.steps < self.gen_length // block:
+            raise ValueError(
+                f"steps={self.steps} is fewer than the {self.gen_length // block} blocks; "
+                "use at least one step per block"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // (self.block_length or self.gen_length)
+
+    def block_steps(self, block: int) -> int:
+        """Steps of block ``block``: ``steps // num_blocks``, the first ``steps % num_blocks`` blocks one more."""
+        base, extra = divmod(self.steps, self.num_blocks)
+        return base + (block < extra)
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+class Logits:
+    """Lazy, cached model evaluation with per-row NFE accounting."""
+
+    def __init__(self, model: nn.Module, pad: Tensor | None, mask_id: int, cfg: DecodeConfig, prompt_length: int):
+        self.model, self.pad, self.mask_id, self.cfg, self.prompt_length = model, pad, mask_id, cfg, prompt_length
+        self.value: Tensor | None = None  # [B, T, V] float32 with SUBS applied
+        self.stale: Tensor | None = None  # [B] row changed since the last model call
+        self.unseen: Tensor | None = None  # [B] row changed since it last used logits
+        self.nfe: Tensor | None = None
+        self.calls = 0
+
+    def reset(self, batch: int, device: torch.device) -> None:
+        self.stale = torch.ones(batch, dtype=torch.bool, device=device)
+        self.unseen = self.stale.clone()
+        self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def __call__(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Logits for canvas ``x``, used by ``rows`` [B] at this step."""
+        if self.value is None or bool((self.stale & rows).any()):
+            self.value = self._forward(x)
+            self.stale.zero_()
+            self.calls += 1
+        self.nfe += (rows & self.unseen).long()
+        self.unseen &= ~rows
+        return self.value
+
+    def changed(self, rows: Tensor) -> None:
+        self.stale |= rows
+        self.unseen |= rows
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if self.cfg.cfg_scale > 0:
+            uncond = x.clone()
+            prompt = torch.zeros_like(x, dtype=torch.bool)
+            prompt[:, : self.prompt_length] = True
+            if self.pad is not None:
+                prompt &= self.pad.bool()
+            uncond[prompt] = self.mask_id
+            pad = None if self.pad is None else torch.cat([self.pad, self.pad])
+            both = model_logits(self.model, torch.cat([x, uncond]), pad).float()
+            cond, un = both.chunk(2)
+            logits = un + (self.cfg.cfg_scale + 1) * (cond - un)
+        else:
+            logits = model_logits(self.model, x, self.pad).float()
+        logits[..., self.mask_id] = float("-inf")  # SUBS; our own tensor, safe in place
+        return logits
+
+
+@dataclass
+class BlockState:
+    """What an in-block policy sees at one step; positions are block-relative ``[B, Tb]``."""
+
+    x: Tensor  # [B, T] canvas (read-only for policies)
+    start: int  # first canvas column of the block
+    masked: Tensor  # [B, Tb] eligible masked positions
+    step: int  # step index within the block
+    steps: int  # step budget of the block
+    logits: Callable[[Tensor], Tensor]  # rows [B] -> block logits [B, Tb, V]
+
+
+class InBlockPolicy(Protocol):
+    def start_block(self, masked: Tensor, steps: int, generator: torch.Generator | None) -> int:
+        """Prepare for a block; return the maximum number of steps to run in it."""
+        ...
+
+    def step(self, state: BlockState, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(decode [B, Tb] bool, tokens [B, Tb], logprobs [B, Tb] float64)``."""
+        ...
+
+
+def run_blocks(
+    cfg: DecodeConfig,
+    policy: InBlockPolicy,
+    model: nn.Module,
+    prompt_ids: Tensor,
+    attention_mask: Tensor | None,
+    generator: torch.Generator | None,
+) -> DecodeOutput:
+    mask_id = resolve_mask_token_id(model, cfg.mask_token_id)
+    eos = cfg.eos_token_id
+    if eos is None:
+        found = getattr(getattr(model, "config", None), "eos_token_id", None)
+        eos = found[0] if isinstance(found, (list, tuple)) else found
+    B, P = prompt_ids.shape
+    G = cfg.gen_length
+    check_context(model, P + G)
+    device = prompt_ids.device
+    x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=prompt_ids.dtype, device=device)], dim=1)
+    step_map = torch.full_like(x, -1)
+    logprobs = torch.zeros(x.shape, dtype=torch.float64, device=device)
+    times = torch.full(x.shape, float("nan"), dtype=torch.float64, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = Logits(model, left_pad_mask(prompt_ids, attention_mask, G), mask_id, cfg, P)
+    logits.reset(B, device)
+    history: list[Tensor] = []
+    block_len = G // cfg.num_blocks
+    global_step = 0
+    for b in range(cfg.num_blocks):
+        start, end = P + b * block_len, P + (b + 1) * block_len
+        masked = (x[:, start:end] == mask_id) & ~finished[:, None]
+        n_steps = policy.start_block(masked, cfg.block_steps(b), generator)
+        for i in range(n_steps):
+            masked = (x[:, start:end] == mask_id) & ~finished[:, None]
+            if not masked.any():
+                break
+            state = BlockState(x, start, masked, i, n_steps, partial(_block_logits, logits, x, start, end))
+            decode, tokens, lp = policy.step(state, generator)
+            decode &= masked
+            block = x[:, start:end]
+            block[decode] = tokens[decode].to(x.dtype)
+            step_map[:, start:end][decode] = global_step
+            logprobs[:, start:end][decode] = lp[decode].double()
+            if getattr(policy, "last_times", None) is not None:
+                times[:, start:end][decode] = policy.last_times[decode]
+            logits.changed(decode.any(dim=1))
+            global_step += 1
+            if cfg.record_history:
+                history.append(x.clone())
+        finished |= _finished_rows(x[:, P:end], eos if cfg.stop_at_eos else None, cfg.stop)
+        if eos is not None and bool(finished.any()):
+            _fill_after_eos(x, step_map, logprobs, P, finished, eos, mask_id)
+        if bool(finished.all()):
+            break
+    return DecodeOutput(x, step_map, logprobs, logits.nfe, logits.calls, P, history, times)
+
+
+def _block_logits(logits: Logits, x: Tensor, start: int, end: int, rows: Tensor) -> Tensor:
+    return logits(x, rows)[:, start:end]
+
+
+def _finished_rows(generated: Tensor, eos: int | None, stop: Callable[[Tensor], Tensor] | None) -> Tensor:
+    done = torch.zeros(generated.shape[0], dtype=torch.bool, device=generated.device)
+    if eos is not None:
+        done |= (generated == eos).any(dim=1)
+    if stop is not None:
+        done |= stop(generated).to(device=generated.device, dtype=torch.bool)
+    return done
+
+
+def _fill_after_eos(
+    x: Tensor, step_map: Tensor, logprobs: Tensor, P: int, finished: Tensor, eos: int, mask_id: int
+) -> None:
+    """Finished rows: everything after their first EOS (or still masked) becomes EOS, not decoded."""
+    gen = x[:, P:]
+    is_eos = gen == eos
+    after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
+    fill = finished[:, None] & (after | (gen == mask_id))
+    gen[fill] = eos
+    step_map[:, P:][fill] = -1
+    logprobs[:, P:][fill] = 0.0

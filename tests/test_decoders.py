@@ -1,0 +1,334 @@
+"""SPEC §3 / §7 decoder invariants: exactness against an oracle, FHS statistics, float64
+sampling, LLaDA schedules, blocks, stopping, guidance, batching and bad input."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from dlm.decode import build_decoder, decoder_names
+from dlm.decode.confidence import count_from_rule, transfer_schedule
+from dlm.decode.sampling import sample_categorical
+
+V, L, MASK = 4, 4, 4  # oracle: 4 real tokens, mask id 4
+
+
+def make_joint(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strongly correlated joint over all V^L sequences: (sequences [S, L], probabilities [S])."""
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=L)))
+    g = torch.Generator().manual_seed(seed)
+    energy = torch.randn(len(seqs), generator=g, dtype=torch.float64)
+    energy += 2.0 * (seqs[:, 1:] == seqs[:, :-1]).sum(-1)  # neighbours like to agree
+    return seqs, torch.softmax(energy, 0)
+
+
+class Oracle(nn.Module):
+    """Logits = log of the exact conditional marginals of the joint given the unmasked tokens.
+
+    Only (V+1)^L = 625 canvases exist, so every answer is computed once up front."""
+
+    def __init__(self, seqs, probs):
+        super().__init__()
+        canvases = torch.tensor(list(itertools.product(range(V + 1), repeat=L)))  # [625, L]
+        match = ((canvases[:, None, :] == seqs[None]) | (canvases[:, None, :] == MASK)).all(-1)  # [625, S]
+        w = match.double() * probs[None]
+        marg = torch.einsum("cs,slv->clv", w, torch.nn.functional.one_hot(seqs, V).double())
+        marg = marg / marg.sum(-1, keepdim=True)
+        self.table = torch.cat([marg.log(), torch.full((*marg.shape[:2], 1), -1e9, dtype=torch.float64)], -1).float()
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        x = input_ids[:, -L:]
+        return self.table[(x * ((V + 1) ** torch.arange(L - 1, -1, -1))).sum(-1)]
+
+
+def empirical(tokens: torch.Tensor) -> torch.Tensor:
+    idx = (tokens[:, -L:] * (V ** torch.arange(L - 1, -1, -1))).sum(-1)
+    return torch.bincount(idx, minlength=V**L).double() / len(tokens)
+
+
+def chi2_ok(freq: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[bool, float]:
+    """χ² over cells with expected count >= 5 (the rest pooled), at the 0.001 level (Wilson–Hilferty)."""
+    exp, obs = probs * n, freq * n
+    big = exp >= 5
+    e = torch.cat([exp[big], exp[~big].sum()[None]]) if (~big).any() else exp[big]
+    o = torch.cat([obs[big], obs[~big].sum()[None]]) if (~big).any() else obs[big]
+    stat = ((o - e) ** 2 / e).sum().item()
+    k = len(e) - 1
+    crit = k * (1 - 2 / (9 * k) + 3.09 * math.sqrt(2 / (9 * k))) ** 3
+    return stat < crit, stat
+
+
+N = 20000
+SEQS, PROBS = make_joint()
+
+
+def sample_oracle(name: str, **kw) -> torch.Tensor:
+    dec = build_decoder(name, gen_length=L, mask_token_id=MASK, eos_token_id=None, **kw)
+    out = dec(Oracle(SEQS, PROBS), torch.zeros(N, 0, dtype=torch.long), generator=torch.Generator().manual_seed(7))
+    assert not (out.tokens == MASK).any()
+    return empirical(out.tokens)
+
+
+def test_first_hitting_reproduces_the_joint():
+    ok, stat = chi2_ok(sample_oracle("first_hitting", steps=L), PROBS, N)
+    assert ok, stat
+
+
+def test_confidence_random_order_one_token_per_step_reproduces_the_joint():
+    ok, stat = chi2_ok(sample_oracle("confidence", steps=L, remasking="random"), PROBS, N)
+    assert ok, stat
+
+
+def test_ancestral_converges_to_the_joint_as_steps_grow():
+    freq = {s: sample_oracle("ancestral", steps=s) for s in (1, 4, 512)}
+    tv = {s: 0.5 * (f - PROBS).abs().sum().item() for s, f in freq.items()}
+    ok, stat = chi2_ok(freq[512], PROBS, N)
+    assert tv[1] > tv[4] > tv[512] and tv[1] > 0.2, tv  # one step = independent marginals: far off
+    assert ok, (stat, tv)
+
+
+def test_semi_ar_blocks_of_one_with_fhs_is_exact_left_to_right():
+    ok, stat = chi2_ok(sample_oracle("first_hitting", steps=L, block_length=1), PROBS, N)
+    assert ok, stat
+
+
+class Constant(nn.Module):
+    def __init__(self, vocab=8):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None):
+        return torch.zeros(*input_ids.shape, self.vocab)
+
+
+def test_first_hitting_order_is_a_uniform_permutation_and_times_are_sorted_uniforms():
+    n, length = 24000, 4
+    dec = build_decoder("first_hitting", gen_length=length, steps=length, mask_token_id=7)
+    out = dec(Constant(), torch.zeros(n, 0, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert (out.nfe == length).all() and out.model_calls == length  # exactly L evaluations
+    perms = out.step_map.argsort(dim=1)  # positions in the order they unmasked
+    codes = (perms * (length ** torch.arange(length - 1, -1, -1))).sum(-1)
+    counts = torch.bincount(codes, minlength=length**length)[torch.bincount(codes, minlength=length**length) > 0]
+    assert len(counts) == 24
+    ok, stat = chi2_ok(counts.double() / n, torch.full((24,), 1 / 24, dtype=torch.float64), n)
+    assert ok, stat
+    times = out.times
+    assert torch.isfinite(times).all() and (times > 0).all() and (times <= 1).all()
+    # later unmasking = earlier in reverse time: times decrease along the unmasking order
+    ordered = times.gather(1, perms)
+    assert (ordered[:, 1:] < ordered[:, :-1]).all()
+    # the set of times is L iid uniforms: pooled times ~ U(0,1), the first ~ Beta(L,1) (KS at 1%)
+    for sample, cdf in ((times.flatten(), lambda t: t), (ordered[:, 0], lambda t: t**length)):
+        s = sample.sort().values
+        emp = torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s)
+        d = (emp - cdf(s)).abs().max().item()
+        assert d < 1.63 / math.sqrt(len(s)), d
+
+
+def gumbel_float32(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The float32 Gumbel-max that SPEC §3 warns about (kept here only to show it fails)."""
+    u = torch.rand(logits.shape, generator=g, dtype=torch.float32)
+    return (logits.float() - torch.log(-torch.log(u))).argmax(-1)
+
+
+def test_float64_sampling_is_right_at_tiny_probabilities_where_float32_gumbel_is_not():
+    vocab, n, chunk = 50000, 20000, 1000
+    # 49999 tail tokens of probability ~1e-7 each (≈5e-3 together): a float32 uniform caps Gumbel noise
+    # near 16.6, below the ~16.1 + spread that such a token needs to win, so about half its draws are lost
+    logits = torch.full((vocab,), -math.log(1e7))
+    logits[0] = 0.0
+    tail_p = 1 - torch.softmax(logits.double(), 0)[0].item()
+    g64, g32 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    tail64 = tail32 = 0
+    for _ in range(n // chunk):
+        batch = logits.expand(chunk, -1)
+        tail64 += int((sample_categorical(batch, 1.0, g64)[0] != 0).sum())
+        tail32 += int((gumbel_float32(batch, g32) != 0).sum())
+    expected = tail_p * n
+
+    def chi2(obs):  # two cells: head and tail
+        return (obs - expected) ** 2 / expected + (obs - expected) ** 2 / (n - expected)
+
+    assert chi2(tail64) < 10.83, (tail64, expected)  # passes at the 0.001 level
+    assert chi2(tail32) > 10.83, (tail32, expected)  # float32 Gumbel measurably under-samples the tail
+
+
+def test_llada_schedule_counts():
+    counts = transfer_schedule(torch.tensor([10, 7, 3]), 4)
+    assert counts.tolist() == [[3, 3, 2, 2], [2, 2, 2, 1], [1, 1, 1, 0]]
+    assert counts.sum(1).tolist() == [10, 7, 3]
+
+
+def test_blocks_decode_left_to_right_and_every_step_decodes_something():
+    model = tiny_model()
+    dec = build_decoder("confidence", gen_length=16, steps=8, block_length=4, temperature=0.0, eos_token_id=None)
+    out = dec(model, torch.randint(0, 63, (3, 5)))
+    sm = out.step_map[:, 5:].view(3, 4, 4)  # [B, block, pos]
+    assert (sm[:, 1:].min(-1).values > sm[:, :-1].max(-1).values).all()  # nothing beyond the current block
+    assert (sm >= 0).all()
+    for row in out.step_map[:, 5:]:
+        assert set(row.tolist()) == set(range(8))  # 2 steps per block, each decodes >= 1 token
+    assert (out.nfe == 8).all()
+
+
+def test_temperature_zero_is_deterministic_whatever_the_generator():
+    model = tiny_model()
+    prompt = torch.randint(0, 63, (2, 4))
+    for name in ("confidence", "ancestral"):
+        dec = build_decoder(name, gen_length=8, steps=8, temperature=0.0)
+        a = dec(model, prompt, generator=torch.Generator().manual_seed(1)).tokens
+        b = dec(model, prompt, generator=torch.Generator().manual_seed(1)).tokens
+        assert torch.equal(a, b)
+    dec = build_decoder("confidence", gen_length=8, steps=8, temperature=0.0)
+    assert torch.equal(
+        dec(model, prompt, generator=torch.Generator().manual_seed(1)).tokens,
+        dec(model, prompt, generator=torch.Generator().manual_seed(99)).tokens,
+    )
+
+
+def test_threshold_above_one_decodes_one_token_per_step():
+    model = tiny_model()
+    dec = build_decoder("confidence", gen_length=12, steps=3, rule="threshold", threshold=1.5, temperature=0.0)
+    out = dec(model, torch.randint(0, 63, (2, 3)))
+    for row in out.step_map[:, 3:]:
+        assert sorted(row.tolist()) == list(range(12))  # one per step, steps adapt to the length
+    assert (out.nfe == 12).all()
+
+
+def test_threshold_and_factor_rules():
+    conf = torch.tensor([[0.95, 0.5, 0.92, 0.1], [0.3, 0.2, 0.1, 0.05]])
+    masked = torch.ones_like(conf, dtype=torch.bool)
+    assert count_from_rule(conf, masked, "threshold", 0.9, 1.0).tolist() == [2, 1]  # row 2: at least one
+    # factor: sorted [0.95, 0.92, 0.5, 0.1]: n=1: 2*0.05=0.1<1 ok; n=2: 3*0.08=0.24 ok; n=3: 4*0.5=2 no
+    assert count_from_rule(conf, masked, "factor", 0.9, 1.0).tolist() == [2, 1]
+
+
+def test_low_threshold_decodes_in_parallel_with_fewer_calls():
+    model = tiny_model()
+    dec = build_decoder("confidence", gen_length=32, steps=32, rule="threshold", threshold=0.0, temperature=0.0)
+    out = dec(model, torch.randint(0, 63, (1, 3)))
+    assert out.model_calls == 1 and not (out.generated == 63).any()
+
+
+def test_batched_ragged_prompts_equal_single_prompts_at_temperature_zero():
+    model = tiny_model()
+    a, b = torch.randint(0, 63, (1, 6)), torch.randint(0, 63, (1, 3))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    pad = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    for kw in ({}, {"block_length": 4}, {"rule": "threshold", "threshold": 0.05}):
+        dec = build_decoder("confidence", gen_length=8, steps=8, temperature=0.0, eos_token_id=None, **kw)
+        both = dec(model, batch, attention_mask=pad)
+        assert torch.equal(both.generated[0], dec(model, a).generated[0]), kw
+        assert torch.equal(both.generated[1], dec(model, b).generated[0]), kw
+        assert torch.equal(both.tokens[:, :6], batch)  # the prompt is never modified
+
+
+def test_works_on_an_hf_model_with_logits_attribute():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).eval()
+    for name in decoder_names():
+        out = build_decoder(name, gen_length=8, steps=4, mask_token_id=39)(bert, torch.randint(0, 39, (2, 4)))
+        assert out.tokens.shape == (2, 12) and not (out.generated == 39).any(), name
+
+
+class EOSAt(nn.Module):
+    """Predicts token 1 everywhere except EOS (2) at generation position 5."""
+
+    def __init__(self, prompt_len: int):
+        super().__init__()
+        self.prompt_len, self.calls = prompt_len, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        logits = torch.zeros(*input_ids.shape, 8)
+        logits[..., 1] = 5.0
+        logits[:, self.prompt_len + 5, 2] = 10.0
+        return logits
+
+
+def test_stops_at_eos_and_fills_the_rest():
+    model = EOSAt(prompt_len=2)
+    dec = build_decoder(
+        "confidence", gen_length=32, steps=32, block_length=8, mask_token_id=7, eos_token_id=2, temperature=0.0
+    )
+    out = dec(model, torch.zeros(2, 2, dtype=torch.long))
+    gen = out.generated
+    assert (gen[:, 5:] == 2).all() and (gen[:, :5] == 1).all()
+    assert model.calls == 8  # only the first block was computed
+    assert (out.step_map[:, 2 + 8 :] == -1).all()
+    stop_dec = build_decoder(
+        "confidence",
+        gen_length=32,
+        steps=32,
+        block_length=8,
+        mask_token_id=7,
+        eos_token_id=None,
+        temperature=0.0,
+        stop=lambda g: (g == 1).sum(1) >= 12,
+    )
+    out = stop_dec(EOSAt(prompt_len=2), torch.zeros(1, 2, dtype=torch.long))
+    assert (out.generated[:, 16:] == 7).all()  # stopped after block 2; no EOS known, rest left masked
+
+
+class Spy(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.inputs = inner, []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.inputs.append(input_ids.clone())
+        return self.inner(input_ids)
+
+
+def test_classifier_free_guidance_masks_the_prompt_in_the_unconditional_branch():
+    spy = Spy(tiny_model())
+    dec = build_decoder("confidence", gen_length=4, steps=4, cfg_scale=1.5, temperature=0.0, mask_token_id=63)
+    prompt = torch.randint(0, 63, (2, 3))
+    dec(spy, prompt)
+    first = spy.inputs[0]
+    assert first.shape[0] == 4 and torch.equal(first[:2, :3], prompt) and (first[2:, :3] == 63).all()
+    plain = build_decoder("confidence", gen_length=4, steps=4, temperature=0.0)(tiny_model(), prompt)
+    zero = build_decoder("confidence", gen_length=4, steps=4, temperature=0.0, cfg_scale=0.0)(tiny_model(), prompt)
+    assert torch.equal(plain.tokens, zero.tokens)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(50, 30)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_categorical(logits, 1.0, g, top_k=1)[0], logits.argmax(-1))
+    assert torch.equal(sample_categorical(logits, 1.0, g, top_p=1e-6)[0], logits.argmax(-1))
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown decoder 'fhs'; known decoders: ancestral, confidence, first_hitting"):
+        build_decoder("fhs", gen_length=8, steps=8)
+    with pytest.raises(ValueError, match="has no setting 'treshold'.*Did you mean 'threshold'"):
+        build_decoder("confidence", gen_length=8, steps=8, treshold=0.9)
+    with pytest.raises(ValueError, match="block_length=5 does not divide gen_length=12.*e.g. 4"):
+        build_decoder("confidence", gen_length=12, steps=12, block_length=5)
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+        build_decoder("ancestral", gen_length=8, steps=0)
+    with pytest.raises(ValueError, match="steps=2 is fewer than the 4 blocks"):
+        build_decoder("ancestral", gen_length=8, steps=2, block_length=2)
+    with pytest.raises(ValueError, match="no mask token id"):
+        build_decoder("confidence", gen_length=4, steps=4)(Constant(), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="beyond the model's context of 128"):
+        build_decoder("first_hitting", gen_length=100, steps=100)(tiny_model(), torch.zeros(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="remasking='low'"):
+        build_decoder("confidence", gen_length=4, steps=4, remasking="low")
