@@ -16,13 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dlm.decode import DECODERS
-from dlm.decode.blocks import BlockState, DecodeConfig, run_blocks
-from dlm.decode.output import DecodeOutput
-from dlm.decode.sampling import sample_categorical, uniforms
-from dlm.schedules import build_schedule
+from dlm.decode.blocks import BlockState, DecodeConfig, sample_at, schedule_of
+from dlm.decode.sampling import uniforms
 
 
 class AncestralPolicy:
@@ -30,8 +28,7 @@ class AncestralPolicy:
 
     def __init__(self, cfg: AncestralDecoder):
         self.cfg = cfg
-        kwargs = {} if cfg.schedule == "polynomial" else {"eps": cfg.schedule_eps}
-        self.schedule = build_schedule(cfg.schedule, **kwargs)
+        self.schedule = schedule_of(cfg.schedule, cfg.schedule_eps)
 
     def start_block(self, masked: Tensor, steps: int, generator) -> int:
         self.alphas = self.schedule.alpha(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))
@@ -43,16 +40,7 @@ class AncestralPolicy:
         masked = state.masked
         u = uniforms(masked.numel(), generator, masked.device).view(masked.shape)
         decode = masked & (u < p)
-        tokens = torch.zeros_like(masked, dtype=torch.long)
-        logprobs = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
-        rows = decode.any(dim=1)
-        if rows.any():
-            logits = state.logits(rows)
-            cfg = self.cfg
-            tokens[decode], logprobs[decode] = sample_categorical(
-                logits[decode], cfg.temperature, generator, cfg.top_k, cfg.top_p
-            )
-        return decode, tokens, logprobs
+        return (decode, *sample_at(state, decode, self.cfg, generator))
 
 
 @DECODERS.register("ancestral")
@@ -62,13 +50,5 @@ class AncestralDecoder(DecodeConfig):
     """Noise schedule whose α sets the per-step unmasking probabilities."""
     schedule_eps: float = 0.0
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        model: nn.Module,
-        prompt_ids: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> DecodeOutput:
-        return run_blocks(self, AncestralPolicy(self), model, prompt_ids, attention_mask, generator)
+    def make_policy(self) -> AncestralPolicy:
+        return AncestralPolicy(self)

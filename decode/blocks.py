@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, model_logits, resolve_mask_token_id
+from dlm.decode.sampling import sample_categorical
+from dlm.schedules import build_schedule
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,21 @@ class DecodeConfig:
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0")
 
+    def make_policy(self) -> InBlockPolicy:
+        """The in-block policy of this decoder (each decoder defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define make_policy()")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DecodeOutput:
+        return run_blocks(self, self.make_policy(), model, prompt_ids, attention_mask, generator)
+
     @property
     def num_blocks(self) -> int:
         return self.gen_length // (self.block_length or self.gen_length)
@@ -88,16 +105,40 @@ class DecodeConfig:
         return base + (block < extra)
 
 
+def schedule_of(name: str, eps: float):
+    """A decoder's noise schedule (polynomial has no eps)."""
+    return build_schedule(name) if name == "polynomial" else build_schedule(name, eps=eps)
+
+
+def sample_at(state: BlockState, decode: Tensor, cfg: DecodeConfig, generator) -> tuple[Tensor, Tensor]:
+    """Tokens and float64 log-probs ``[B, Tb]`` drawn at the ``decode`` positions (zeros elsewhere)."""
+    tokens = torch.zeros_like(decode, dtype=torch.long)
+    logprobs = torch.zeros(decode.shape, dtype=torch.float64, device=decode.device)
+    rows = decode.any(dim=1)
+    if rows.any():
+        logits = state.logits(rows)
+        tokens[decode], logprobs[decode] = sample_categorical(
+            logits[decode], cfg.temperature, generator, cfg.top_k, cfg.top_p
+        )
+    return tokens, logprobs
+
+
 def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
 
 class Logits:
-    """Lazy, cached model evaluation with per-row NFE accounting."""
+    """Lazy, cached model evaluation of one block's logits, with per-row NFE accounting.
+
+    Models that declare ``supports_output_mask`` (dlm's own) compute the LM head only for the
+    block's positions; others return the whole canvas and the block is sliced out.
+    """
 
     def __init__(self, model: nn.Module, pad: Tensor | None, mask_id: int, cfg: DecodeConfig, prompt_length: int):
         self.model, self.pad, self.mask_id, self.cfg, self.prompt_length = model, pad, mask_id, cfg, prompt_length
-        self.value: Tensor | None = None  # [B, T, V] float32 with SUBS applied
+        self.block_only = bool(getattr(model, "supports_output_mask", False))
+        self.value: Tensor | None = None  # [B, Tb, V] float32 with SUBS applied
+        self.span: tuple[int, int] | None = None  # the block the cached value belongs to
         self.stale: Tensor | None = None  # [B] row changed since the last model call
         self.unseen: Tensor | None = None  # [B] row changed since it last used logits
         self.nfe: Tensor | None = None
@@ -108,10 +149,11 @@ class Logits:
         self.unseen = self.stale.clone()
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def __call__(self, x: Tensor, rows: Tensor) -> Tensor:
-        """Logits for canvas ``x``, used by ``rows`` [B] at this step."""
-        if self.value is None or bool((self.stale & rows).any()):
-            self.value = self._forward(x)
+    def __call__(self, x: Tensor, start: int, end: int, rows: Tensor) -> Tensor:
+        """Logits ``[B, end - start, V]`` of canvas ``x`` for block ``[start, end)``, used by ``rows`` [B]."""
+        if self.value is None or self.span != (start, end) or bool((self.stale & rows).any()):
+            self.value = self._forward(x, start, end)
+            self.span = (start, end)
             self.stale.zero_()
             self.calls += 1
         self.nfe += (rows & self.unseen).long()
@@ -122,7 +164,16 @@ class Logits:
         self.stale |= rows
         self.unseen |= rows
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _run(self, x: Tensor, pad: Tensor | None, start: int, end: int) -> Tensor:
+        if not self.block_only:
+            return model_logits(self.model, x, pad)[:, start:end]
+        keep = torch.zeros_like(x, dtype=torch.bool)
+        keep[:, start:end] = True
+        out = self.model(input_ids=x, attention_mask=pad, output_mask=keep)
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits.view(x.shape[0], end - start, -1)
+
+    def _forward(self, x: Tensor, start: int, end: int) -> Tensor:
         if self.cfg.cfg_scale > 0:
             uncond = x.clone()
             prompt = torch.zeros_like(x, dtype=torch.bool)
@@ -131,12 +182,11 @@ class Logits:
                 prompt &= self.pad.bool()
             uncond[prompt] = self.mask_id
             pad = None if self.pad is None else torch.cat([self.pad, self.pad])
-            both = model_logits(self.model, torch.cat([x, uncond]), pad).float()
-            cond, un = both.chunk(2)
+            cond, un = self._run(torch.cat([x, uncond]), pad, start, end).float().chunk(2)
             logits = un + (self.cfg.cfg_scale + 1) * (cond - un)
         else:
-            logits = model_logits(self.model, x, self.pad).float()
-        logits[..., self.mask_id] = float("-inf")  # SUBS; our own tensor, safe in place
+            logits = self._run(x, self.pad, start, end).float()
+        logits[..., self.mask_id] = float("-inf")  # SUBS
         return logits
 
 
@@ -197,7 +247,7 @@ def run_blocks(
             masked = (x[:, start:end] == mask_id) & ~finished[:, None]
             if not masked.any():
                 break
-            state = BlockState(x, start, masked, i, n_steps, partial(_block_logits, logits, x, start, end))
+            state = BlockState(x, start, masked, i, n_steps, partial(logits, x, start, end))
             decode, tokens, lp = policy.step(state, generator)
             decode &= masked
             block = x[:, start:end]
@@ -216,10 +266,6 @@ def run_blocks(
         if bool(finished.all()):
             break
     return DecodeOutput(x, step_map, logprobs, logits.nfe, logits.calls, P, history, times)
-
-
-def _block_logits(logits: Logits, x: Tensor, start: int, end: int, rows: Tensor) -> Tensor:
-    return logits(x, rows)[:, start:end]
 
 
 def _finished_rows(generated: Tensor, eos: int | None, stop: Callable[[Tensor], Tensor] | None) -> Tensor:

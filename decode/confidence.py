@@ -23,11 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dlm.decode import DECODERS
-from dlm.decode.blocks import BlockState, DecodeConfig, run_blocks
-from dlm.decode.output import DecodeOutput
+from dlm.decode.blocks import BlockState, DecodeConfig
 from dlm.decode.sampling import sample_categorical, uniforms
 
 REMASKING = ("confidence", "margin", "entropy", "random")
@@ -120,13 +119,5 @@ class ConfidenceDecoder(DecodeConfig):
         if self.factor <= 0:
             raise ValueError(f"factor={self.factor} must be positive")
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        model: nn.Module,
-        prompt_ids: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> DecodeOutput:
-        return run_blocks(self, ConfidencePolicy(self), model, prompt_ids, attention_mask, generator)
+    def make_policy(self) -> ConfidencePolicy:
+        return ConfidencePolicy(self)

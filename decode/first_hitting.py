@@ -17,20 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dlm.decode import DECODERS
-from dlm.decode.blocks import BlockState, DecodeConfig, run_blocks
-from dlm.decode.output import DecodeOutput
-from dlm.decode.sampling import sample_categorical, uniforms
-from dlm.schedules import build_schedule
+from dlm.decode.blocks import BlockState, DecodeConfig, sample_at, schedule_of
+from dlm.decode.sampling import uniforms
 
 
 class FirstHittingPolicy:
     def __init__(self, cfg: FirstHittingDecoder):
         self.cfg = cfg
-        kwargs = {} if cfg.schedule == "polynomial" else {"eps": cfg.schedule_eps}
-        self.schedule = build_schedule(cfg.schedule, **kwargs)
+        self.schedule = schedule_of(cfg.schedule, cfg.schedule_eps)
         self.last_times: Tensor | None = None
 
     def start_block(self, masked: Tensor, steps: int, generator) -> int:
@@ -59,14 +56,7 @@ class FirstHittingPolicy:
             self.tau = torch.where(active, tau_next, self.tau)
             times = torch.where((rank == j) & masked & active[:, None], self.tau[:, None], times)
         self.last_times = times
-        tokens = torch.zeros_like(masked, dtype=torch.long)
-        logprobs = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
-        logits = state.logits(decode.any(dim=1))
-        cfg = self.cfg
-        tokens[decode], logprobs[decode] = sample_categorical(
-            logits[decode], cfg.temperature, generator, cfg.top_k, cfg.top_p
-        )
-        return decode, tokens, logprobs
+        return (decode, *sample_at(state, decode, self.cfg, generator))
 
 
 @DECODERS.register("first_hitting")
@@ -82,13 +72,5 @@ class FirstHittingDecoder(DecodeConfig):
         if self.tokens_per_call < 1:
             raise ValueError(f"tokens_per_call={self.tokens_per_call} must be >= 1")
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        model: nn.Module,
-        prompt_ids: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> DecodeOutput:
-        return run_blocks(self, FirstHittingPolicy(self), model, prompt_ids, attention_mask, generator)
+    def make_policy(self) -> FirstHittingPolicy:
+        return FirstHittingPolicy(self)

@@ -2,9 +2,12 @@
 
 float32 Gumbel noise is capped near 16.6, so a token whose logit is more than ~16.6 below the
 best is never drawn: the temperature is silently lowered and generative perplexity looks
-better than it is. dlm samples by inverse CDF in float64: ``u ~ U[0,1)`` in float64 and the
-first token whose cumulative probability exceeds ``u``. Uniforms are drawn on the CPU from the
-caller's generator, so a seed gives the same tokens on any device.
+better than it is. dlm samples by inverse CDF: ``u ~ U[0,1)`` in float64 against the float64
+cumulative sum of the token weights, taking the first token whose cumulative weight exceeds
+``u``. The weights ``exp(logit − max)`` themselves are computed in the logits' precision
+(float32 keeps every probability down to ~1e-38 with 1e-7 relative error; what float32 Gumbel
+loses is the tail of the *noise*, which inverse-CDF sampling does not have). Uniforms are drawn
+on the CPU from the caller's generator, so a seed gives the same tokens on any device.
 """
 
 from __future__ import annotations
@@ -27,6 +30,31 @@ def filter_logits(logits_NV: Tensor, top_k: int | None, top_p: float | None) -> 
     return logits_NV
 
 
+CHUNK = 256
+
+
+def inverse_cdf(weights_NV: Tensor, u_N: Tensor) -> tuple[Tensor, Tensor]:
+    """The first token whose float64 cumulative weight exceeds ``u · total`` (weights >= 0),
+    and the float64 ``total`` of each row.
+
+    Two levels, so nothing of length V is cumulated: float64 sums of chunks of 256 tokens locate
+    the chunk, and a float64 cumulative sum inside that chunk locates the token. A token of zero
+    weight is never returned.
+    """
+    N, V = weights_NV.shape
+    pad = (-V) % CHUNK
+    w = (torch.nn.functional.pad(weights_NV, (0, pad)) if pad else weights_NV).view(N, -1, CHUNK)  # [N, K, C]
+    chunk = w.double().sum(dim=-1)  # [N, K]
+    ccdf = chunk.cumsum(dim=-1)
+    target = u_N[:, None] * ccdf[:, -1:]  # [N, 1]
+    k = torch.searchsorted(ccdf, target, right=True).clamp(max=ccdf.shape[1] - 1)  # [N, 1]
+    before = ccdf.gather(1, k) - chunk.gather(1, k)
+    inner = w[torch.arange(N, device=w.device), k.squeeze(1)].double().cumsum(dim=-1)  # [N, C]
+    j = torch.searchsorted(inner, target - before, right=True)
+    last_positive = (inner < inner[:, -1:]).sum(dim=-1, keepdim=True)  # guards against rounding at the edge
+    return (k * CHUNK + torch.minimum(j, last_positive)).squeeze(1), ccdf[:, -1]
+
+
 def uniforms(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """float64 uniforms drawn on the CPU (device-independent streams), moved to ``device``."""
     return torch.rand(n, dtype=torch.float64, generator=generator).to(device)
@@ -44,15 +72,15 @@ def sample_categorical(
     The log-prob is that of the distribution actually sampled from (tempered and filtered);
     at temperature 0 the token is the argmax and the log-prob is under temperature 1.
     """
-    logits = logits_NV.double()
     if temperature <= 0:
-        tokens = logits.argmax(dim=-1)
-        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    logits = filter_logits(logits / temperature if temperature != 1.0 else logits, top_k, top_p)
-    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp()  # unnormalised float64 probabilities
-    cdf = weights.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    u = uniforms(logits.shape[0], generator, logits.device)[:, None]
-    tokens = torch.searchsorted(cdf, u * total, right=True).clamp(max=logits.shape[-1] - 1)
-    logp = (weights.gather(-1, tokens) / total).log()
-    return tokens.squeeze(-1), logp.squeeze(-1)
+        tokens = logits_NV.argmax(dim=-1)
+        logp = torch.log_softmax(logits_NV.double(), dim=-1)  # exact log-prob of the argmax, for RL
+        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    logits = logits_NV.float() if logits_NV.dtype in (torch.float16, torch.bfloat16) else logits_NV
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp()  # unnormalised probabilities
+    tokens, total = inverse_cdf(weights, uniforms(logits.shape[0], generator, logits.device))
+    logp = (weights.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()
+    return tokens, logp

@@ -128,7 +128,7 @@ def _generate(args: argparse.Namespace) -> int:
         frames = render_frames(
             out.history, tok, out.prompt_length, model.config.mask_token_id, color=sys.stdout.isatty()
         )
-        replay(frames, prompts[0])
+        replay(frames, texts[0])
     for prompt, ids, nfe in zip(prompts, out.generated, out.nfe):
         text = tok.decode(ids, skip_special_tokens=True)
         if args.stop:

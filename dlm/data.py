@@ -69,7 +69,8 @@ class DataConfig:
     val_fraction: float = 0.02
     """Share of documents held out for validation (by document, never split mid-document)."""
     max_val_sequences: int = 256
-    """Cap on validation rows, to keep periodic validation cheap."""
+    """Cap on validation rows, to keep periodic validation cheap. With streaming, this many
+    leading documents of the stream are held out for validation (the size is unknown up front)."""
     max_documents: int | None = None
     """Use only this many documents (after a seeded shuffle)."""
     streaming: bool = False
@@ -396,7 +397,7 @@ def _build_streaming(
 ) -> DataBundle:
     if cfg.format != "text":
         raise DataError("data.streaming is supported for format: text; load chat data without streaming")
-    n_val_docs = max(1, int(cfg.max_val_sequences))  # the first documents of the stream are held out
+    n_val_docs = max(1, cfg.max_val_sequences)  # the first documents of the stream are held out
     val_texts = [ex[cfg.text_field] for ex in docs.take(n_val_docs)]
     if not val_texts:
         raise DataError(f"the streamed dataset {cfg.dataset!r} is empty")

@@ -28,6 +28,7 @@ class TimedModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model, self.config, self.seconds = model, model.config, 0.0
+        self.supports_output_mask = getattr(model, "supports_output_mask", False)
 
     def forward(self, **kwargs):
         sync = torch.cuda.synchronize if next(self.model.parameters()).is_cuda else (lambda: None)

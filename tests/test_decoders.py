@@ -228,6 +228,30 @@ def test_batched_ragged_prompts_equal_single_prompts_at_temperature_zero():
         assert torch.equal(both.tokens[:, :6], batch)  # the prompt is never modified
 
 
+class Plain(nn.Module):
+    """Hides dlm's output_mask support: decoders fall back to slicing full-canvas logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "first_hitting", "confidence"])
+def test_block_only_lm_head_equals_full_logits(name):
+    model = tiny_model()
+    prompt = torch.randint(0, 63, (3, 5))
+    pad = torch.ones(3, 5, dtype=torch.long)
+    pad[2, :2] = 0
+    dec = build_decoder(name, gen_length=12, steps=6, block_length=4, eos_token_id=None)
+    fast = dec(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(3))
+    full = dec(Plain(model), prompt, attention_mask=pad, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fast.tokens, full.tokens) and torch.equal(fast.step_map, full.step_map)
+    torch.testing.assert_close(fast.logprobs, full.logprobs)
+
+
 def test_works_on_an_hf_model_with_logits_attribute():
     from transformers import BertConfig, BertForMaskedLM
 
@@ -332,3 +356,28 @@ def test_bad_input_is_a_clear_error():
         build_decoder("first_hitting", gen_length=100, steps=100)(tiny_model(), torch.zeros(1, 40, dtype=torch.long))
     with pytest.raises(ValueError, match="remasking='low'"):
         build_decoder("confidence", gen_length=4, steps=4, remasking="low")
+
+
+def test_two_level_inverse_cdf_matches_a_flat_float64_cdf():
+    from dlm.decode.sampling import CHUNK, inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (7, CHUNK, 3 * CHUNK + 5):
+        w = torch.rand(64, vocab, generator=g) ** 4
+        w[:, ::3] = 0.0  # zero-weight tokens are never chosen
+        u = torch.rand(64, generator=g, dtype=torch.float64)
+        cdf = w.double().cumsum(-1)
+        flat = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+        tokens, total = inverse_cdf(w, u)
+        assert torch.equal(tokens, flat)
+        torch.testing.assert_close(total, cdf[:, -1])
+        edge, _ = inverse_cdf(w, torch.full((64,), 1 - 1e-17, dtype=torch.float64))
+        assert (w.gather(1, edge[:, None]) > 0).all()
+
+
+def test_first_hitting_k_per_call_decodes_everything_in_ceil_l_over_k_calls():
+    dec = build_decoder("first_hitting", gen_length=10, steps=10, tokens_per_call=3, mask_token_id=7)
+    out = dec(Constant(), torch.zeros(4, 2, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert not (out.generated == 7).any()
+    assert (out.nfe == 4).all() and out.model_calls == 4  # ceil(10 / 3)
+    assert all(sorted(torch.bincount(row[2:]).tolist()) == [1, 3, 3, 3] for row in out.step_map)

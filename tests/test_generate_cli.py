@@ -82,3 +82,18 @@ def test_stop_strings():
     assert cut_at_stop("abcdef", ["cd", "ef"]) == "ab"
     with pytest.raises(ValueError, match="non-empty"):
         StopStrings(Tok(), [""])
+
+
+def test_generate_chat_mode_uses_the_chat_template(trained, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    ckpt = tmp_path / "chat-model"
+    shutil.copytree(f"{trained}/final", ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant> "
+    tok.save_pretrained(ckpt)
+    assert cli_main(["generate", str(ckpt), "--chat", "--prompt", "the model", "--gen-length", "8", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert "<user> the model" in out  # the replay shows the templated prompt

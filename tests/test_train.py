@@ -238,6 +238,20 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert "=== 'the model'" in out and "=== 'def'" in out
 
 
+def test_python_dash_m_dlm_train(tmp_path):
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    res = subprocess.run(
+        [sys.executable, "-m", "dlm.train", str(recipe), "train.max_steps=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (Path(cfg.train.output_dir) / "checkpoint-2").is_dir()
+
+
 def test_console_script_is_installed():
     exe = shutil.which("dlm")
     assert exe is not None, "pip install -e . should put a 'dlm' console script on PATH"

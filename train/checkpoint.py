@@ -131,3 +131,18 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -
         set_rng_state(torch.load(rng_path, weights_only=False))
     with open(state_path) as fh:
         return json.load(fh)
+
+
+def export_final(path: Path, model, tokenizer, ema) -> Path:
+    """Write the model (with EMA weights when EMA is on) and tokenizer to ``path``, atomically."""
+    from contextlib import nullcontext
+
+    tmp = path.parent / f".tmp-{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with ema.swapped_in(model) if ema is not None else nullcontext():
+        model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path

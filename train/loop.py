@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from dlm.config import ConfigError, to_dict
 from dlm.data import build_data
 from dlm.model.build import build_model
-from dlm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dlm.train.checkpoint import export_final, list_checkpoints, load_checkpoint, save_checkpoint
 from dlm.train.config import RecipeConfig
 from dlm.train.ema import EMA
 from dlm.train.objectives import Objective, build_objective
@@ -55,6 +55,10 @@ class TrainResult:
     samples: list[str] = field(default_factory=list)
     model: torch.nn.Module | None = None
     """The trained model on this process (unwrapped; EMA weights are in output_dir/final)."""
+
+
+def bound_label(bound: str) -> str:
+    return "NELBO perplexity bound" if bound == "nelbo" else "perplexity"
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -326,10 +330,7 @@ def main(cfg: RecipeConfig) -> TrainResult:
             tick = time.time()
         if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
             val_ppl = validate(done)
-            bar.write(
-                f"step {done}: validation {'NELBO perplexity bound' if objective.bound == 'nelbo' else 'perplexity'}"
-                f" {val_ppl:.2f}"
-            )
+            bar.write(f"step {done}: validation {bound_label(objective.bound)} {val_ppl:.2f}")
         if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
             last_good = save_checkpoint(
                 accelerator,
@@ -344,7 +345,7 @@ def main(cfg: RecipeConfig) -> TrainResult:
                 cfg.train.keep_checkpoints,
             )
     bar.close()
-    final_step = max(step + 1, start_step) if cfg.train.max_steps > start_step else start_step
+    final_step = max(cfg.train.max_steps, start_step)
     if val_ppl is None:  # resumed at or past max_steps: nothing ran
         val_ppl = validate(final_step)
 
@@ -352,16 +353,7 @@ def main(cfg: RecipeConfig) -> TrainResult:
     samples: list[str] = []
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        final_dir, tmp = out / "final", out / ".tmp-final"
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        with ema.swapped_in(unwrapped) if ema is not None else nullcontext():
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
+        export_final(out / "final", unwrapped, tok, ema)
         if cfg.train.plot and log_path.is_file():
             from dlm.train.plot import plot_curves
 
@@ -373,9 +365,8 @@ def main(cfg: RecipeConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     wall = time.time() - t0
-    label = "NELBO perplexity bound" if objective.bound == "nelbo" else "perplexity"
     accelerator.print(
-        f"done in {wall:.0f}s | validation {label} {val_ppl:.2f} | unigram perplexity "
+        f"done in {wall:.0f}s | validation {bound_label(objective.bound)} {val_ppl:.2f} | unigram perplexity "
         f"{data.stats.get('unigram_ppl', float('nan')):.2f} | model: {out / 'final'}"
     )
     return TrainResult(

@@ -188,6 +188,8 @@ class DLMPreTrainedModel(PreTrainedModel):
 
 class DLMModel(DLMPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+    #: forward(output_mask=...) returns logits of the selected positions only (decoders use it)
+    supports_output_mask = True
 
     def __init__(self, config: DLMConfig):
         super().__init__(config)

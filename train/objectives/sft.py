@@ -11,33 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlm.schedules import build_schedule, sample_times
 from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, subs_log_probs
+from dlm.train.objectives.mdlm import MDLMObjective
 
 
-class SFTObjective:
+class SFTObjective(MDLMObjective):
+    """MDLM's schedule and time sampling; the loss conditions on the clean prompt."""
+
     name = "sft"
     bound = "nelbo"
-
-    def __init__(
-        self,
-        mask_token_id: int,
-        schedule: str = "loglinear",
-        schedule_args: dict | None = None,
-        t_eps: float = 1e-3,
-        antithetic: bool = True,
-        **_: object,
-    ):
-        self.mask_token_id = mask_token_id
-        self.schedule = build_schedule(schedule, **(schedule_args or {}))
-        self.t_eps, self.antithetic = t_eps, antithetic
-
-    def sample_noise(self, shape: tuple[int, int], generator: torch.Generator) -> dict[str, Tensor]:
-        G, L = shape
-        return {
-            "t": sample_times(G, generator, self.t_eps, self.antithetic),
-            "u": torch.rand(G, L, generator=generator),
-        }
 
     def loss(self, model, batch: dict[str, Tensor], noise: dict[str, Tensor]) -> LossOutput:
         x0, answer = batch["input_ids"], batch["loss_mask"].bool()
