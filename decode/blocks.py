@@ -221,6 +221,12 @@ def run_blocks(
     generator: torch.Generator | None,
 ) -> DecodeOutput:
     mask_id = resolve_mask_token_id(model, cfg.mask_token_id)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and not 0 <= mask_id < vocab:
+        raise ValueError(
+            f"mask_token_id={mask_id} is outside the model's vocabulary of {vocab}; "
+            "use the mask token of the model's tokenizer"
+        )
     eos = cfg.eos_token_id
     if eos is None:
         found = getattr(getattr(model, "config", None), "eos_token_id", None)

@@ -354,6 +354,10 @@ def test_bad_input_is_a_clear_error():
         build_decoder("confidence", gen_length=4, steps=4)(Constant(), torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="beyond the model's context of 128"):
         build_decoder("first_hitting", gen_length=100, steps=100)(tiny_model(), torch.zeros(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask_token_id=99 is outside the model's vocabulary of 64"):
+        build_decoder("ancestral", gen_length=4, steps=4, mask_token_id=99)(
+            tiny_model(), torch.zeros(1, 2, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="remasking='low'"):
         build_decoder("confidence", gen_length=4, steps=4, remasking="low")
 

@@ -113,6 +113,40 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
         main(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="never")))
 
 
+def test_missing_checkpoints_are_clear_errors(tmp_path):
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0}, train={"resume": str(tmp_path / "no-such-checkpoint")})
+    with pytest.raises(ConfigError, match="no such checkpoint directory"):
+        main(cfg)
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0}, model={"pretrained": str(tmp_path / "no-model")})
+    with pytest.raises(ConfigError, match="is not a checkpoint directory"):
+        main(cfg)
+
+
+def test_pretrained_model_with_its_tokenizer_and_with_another_mask_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    first = main(tiny_recipe(tmp_path / "a", sample={"num_samples": 0}))
+    final = str(first.output_dir / "final")
+    ok = main(
+        tiny_recipe(
+            tmp_path / "b", sample={"num_samples": 0}, tokenizer={"name_or_path": final}, model={"pretrained": final}
+        )
+    )  # continue training from the exported model
+    assert ok.model.config.mask_token_id == first.model.config.mask_token_id
+    tok = AutoTokenizer.from_pretrained(final)
+    tok.add_special_tokens({"additional_special_tokens": ["<|x|>"]})
+    tok.mask_token = "<|x|>"  # a tokenizer whose mask token is not the one the model learned
+    tok.save_pretrained(tmp_path / "other-tok")
+    cfg = tiny_recipe(
+        tmp_path / "c",
+        sample={"num_samples": 0},
+        tokenizer={"name_or_path": str(tmp_path / "other-tok")},
+        model={"pretrained": final},
+    )
+    with pytest.raises(ConfigError, match="trained with mask_token_id=.* but the tokenizer's mask token is"):
+        main(cfg)
+
+
 class NaNAfter(MDLMObjective):
     """MDLM whose loss turns NaN from the 4th training call on (validation calls excluded)."""
 
