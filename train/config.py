@@ -27,6 +27,11 @@ class DiffusionConfig:
     """Times are drawn from [t_eps, 1]."""
     antithetic: bool = True
     """Low-discrepancy times (one per stratum of the global batch)."""
+    block_size: int | None = None
+    """BD3-LM block size (objective=bd3lm); must divide data.seq_len."""
+    clip_low: float = 0.0
+    clip_high: float = 1.0
+    """BD3-LM clipped schedule: training mask rates from U[clip_low, clip_high] (validation: U[0, 1])."""
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -133,7 +138,7 @@ class RecipeConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self):
-        from dlm.train.objectives import OBJECTIVES, ar, exact_count, mdlm, sft  # noqa: F401  (register built-ins)
+        from dlm.train.objectives import OBJECTIVES, ar, bd3lm, exact_count, mdlm, sft  # noqa: F401  (built-ins)
 
         if self.objective not in OBJECTIVES:
             from dlm.registry import close_matches
@@ -147,5 +152,12 @@ class RecipeConfig:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; lower data.seq_len or raise model.max_position_embeddings"
             )
+        if self.objective == "bd3lm":
+            block = self.diffusion.block_size
+            if not block or self.data.seq_len % block:
+                raise ConfigError(
+                    f"objective=bd3lm: diffusion.block_size={block} must be a positive divisor of "
+                    f"data.seq_len={self.data.seq_len}"
+                )
         if self.objective == "sft" and self.data.format != "chat":
             raise ConfigError("objective=sft needs data.format=chat (prompt/response or messages fields)")

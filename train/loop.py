@@ -114,7 +114,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     n, length = val_rows["input_ids"].shape
-    noise = objective.sample_noise((n, length), torch.Generator().manual_seed(seed + 7919))
+    noise = objective.sample_noise((n, length), torch.Generator().manual_seed(seed + 7919), for_eval=True)
     shard = range(accelerator.process_index, n, accelerator.num_processes)
     idx = torch.tensor(list(shard), dtype=torch.long)
     total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -203,9 +203,12 @@ def main(cfg: RecipeConfig) -> TrainResult:
         schedule_args=dict(cfg.diffusion.schedule_args),
         t_eps=cfg.diffusion.t_eps,
         antithetic=cfg.diffusion.antithetic,
+        block_size=cfg.diffusion.block_size,
+        clip_low=cfg.diffusion.clip_low,
+        clip_high=cfg.diffusion.clip_high,
     )
-    if objective.name == "ar":
-        model.config.attention_mode = "causal"
+    # the exported model decodes with the attention it was trained for
+    model.config.attention_mode, model.config.block_size = getattr(objective, "attention", ("bidirectional", None))
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
     )
@@ -384,9 +387,12 @@ def _samples(model, tok, cfg: RecipeConfig, objective: str, ema) -> list[str]:
     gen = torch.Generator().manual_seed(cfg.seed)
     if objective == "ar":
         decoder = AutoregressiveDecoder(gen_length=cfg.sample.gen_length, temperature=cfg.sample.temperature)
-    else:
+    else:  # block-causal (BD3-LM) models decode block by block, whole blocks only
+        block = model.config.block_size if model.config.attention_mode == "block_causal" else None
+        gen_length = -(-cfg.sample.gen_length // block) * block if block else cfg.sample.gen_length
+        steps = max(cfg.sample.steps, gen_length // block if block else 1)
         decoder = AncestralDecoder(
-            gen_length=cfg.sample.gen_length, steps=cfg.sample.steps, temperature=cfg.sample.temperature
+            gen_length=gen_length, steps=steps, block_length=block, temperature=cfg.sample.temperature
         )
     device = next(model.parameters()).device
     with torch.no_grad(), ema.swapped_in(model) if ema is not None else nullcontext():

@@ -7,6 +7,10 @@ An objective is built from the recipe and exposes:
   every rank from a per-step seed and slices out the rows each rank owns, so a run on N
   processes sees exactly the noise a single process would with the same global batch, and a
   resumed run sees exactly the noise of an uninterrupted one.
+  ``for_eval=True`` asks for the noise of the reported bound (BD3-LM trains on clipped mask
+  rates but reports the unclipped NELBO).
+* ``attention`` (optional): ``(mode, block_size)`` the trained model decodes with; default
+  bidirectional.
 * ``loss(model, batch, noise) -> LossOutput`` — ``total`` (summed loss) and ``count`` (its
   normaliser); the loop optimises ``total / count`` and validation reports
   ``exp(Σ total / Σ count)`` — for diffusion objectives the NELBO perplexity bound.
@@ -36,7 +40,9 @@ class Objective(Protocol):
     #: "nelbo" (a perplexity upper bound) or "nll" (exact, AR)
     bound: str
 
-    def sample_noise(self, shape: tuple[int, int], generator: torch.Generator) -> dict[str, Tensor]: ...
+    def sample_noise(
+        self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = False
+    ) -> dict[str, Tensor]: ...
     def loss(self, model: torch.nn.Module, batch: dict[str, Tensor], noise: dict[str, Tensor]) -> LossOutput: ...
 
 
@@ -47,7 +53,7 @@ def build_objective(name: str, **kwargs: Any) -> Objective:
     from dlm.config import ConfigError
 
     # Import the built-ins so they register themselves.
-    from dlm.train.objectives import ar, exact_count, mdlm, sft  # noqa: F401
+    from dlm.train.objectives import ar, bd3lm, exact_count, mdlm, sft  # noqa: F401
 
     try:
         factory = OBJECTIVES.get(name)

@@ -23,11 +23,14 @@ def next_token_nll(logits_BLV: Tensor, x_BL: Tensor) -> Tensor:
 class ARObjective:
     name = "ar"
     bound = "nll"
+    attention = ("causal", None)
 
     def __init__(self, **_: object):
         pass
 
-    def sample_noise(self, shape: tuple[int, int], generator: torch.Generator) -> dict[str, Tensor]:
+    def sample_noise(
+        self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = False
+    ) -> dict[str, Tensor]:
         return {}
 
     def loss(self, model, batch: dict[str, Tensor], noise: dict[str, Tensor]) -> LossOutput:

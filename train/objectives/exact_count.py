@@ -35,7 +35,9 @@ class ExactCountObjective:
     def __init__(self, mask_token_id: int, antithetic: bool = True, **_: object):
         self.mask_token_id, self.antithetic = mask_token_id, antithetic
 
-    def sample_noise(self, shape: tuple[int, int], generator: torch.Generator) -> dict[str, Tensor]:
+    def sample_noise(
+        self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = False
+    ) -> dict[str, Tensor]:
         G, L = shape
         return {
             "k": stratified_counts(G, L, generator, self.antithetic),

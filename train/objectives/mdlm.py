@@ -50,7 +50,9 @@ class MDLMObjective:
         self.schedule = build_schedule(schedule, **(schedule_args or {}))
         self.t_eps, self.antithetic = t_eps, antithetic
 
-    def sample_noise(self, shape: tuple[int, int], generator: torch.Generator) -> dict[str, Tensor]:
+    def sample_noise(
+        self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = False
+    ) -> dict[str, Tensor]:
         G, L = shape
         return {
             "t": sample_times(G, generator, self.t_eps, self.antithetic),

@@ -1,0 +1,110 @@
+"""SPEC §7 BD3-LM invariants."""
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_recipe
+from dlm.config import ConfigError, from_dict
+from dlm.train.config import RecipeConfig
+from dlm.train.objectives import build_objective, subs_log_probs
+from dlm.train.objectives.bd3lm import bd3lm_inputs
+
+MASK = 63
+
+
+def vectorised_logits(model, x0, zt, block):
+    inputs, positions, attn = bd3lm_inputs(x0, zt, block)
+    return model(inputs, attention_mask=attn, position_ids=positions).logits[:, : x0.shape[1]]
+
+
+def per_block_logits(model, x0, zt, block):
+    """Reference: for each block b, run [x^{<b}, z_t^b] with block-causal attention."""
+    L = x0.shape[1]
+    out = []
+    for start in range(0, L, block):
+        inp = torch.cat([x0[:, :start], zt[:, start : start + block]], dim=1)
+        out.append(model(inp, attn_mode="block_causal", block_size=block).logits[:, start:])
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 12])
+def test_vectorised_logits_equal_a_per_block_loop(block):
+    model = tiny_model()
+    x0 = torch.randint(0, MASK, (3, 12))
+    zt = torch.where(torch.rand(3, 12) < 0.5, torch.full_like(x0, MASK), x0)
+    torch.testing.assert_close(
+        vectorised_logits(model, x0, zt, block), per_block_logits(model, x0, zt, block), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_block_equal_to_length_is_mdlm():
+    model = tiny_model()
+    x0 = torch.randint(0, MASK, (4, 16))
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=16)
+    noise = bd3.sample_noise((4, 16), torch.Generator().manual_seed(0))
+    mdlm = build_objective("mdlm", mask_token_id=MASK)
+    # MDLM masks where u < p: u = 0 on BD3's masked positions and 1 elsewhere reproduces its mask
+    mdlm_noise = {"t": noise["t"][:, 0], "u": (~noise["masked"]).float()}
+    a = bd3.loss(model, {"input_ids": x0}, noise)
+    b = mdlm.loss(model, {"input_ids": x0}, mdlm_noise)
+    torch.testing.assert_close(a.total, b.total, rtol=1e-5, atol=1e-5)
+    assert a.count == b.count
+
+
+def test_block_one_fully_masked_is_the_autoregressive_nll():
+    model = tiny_model()
+    x0 = torch.randint(0, MASK, (2, 10))
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=1, schedule_args={"eps": 0.0})
+    noise = {"t": torch.ones(2, 10), "masked": torch.ones(2, 10, dtype=torch.bool)}  # w(1) = 1
+    total = bd3.loss(model, {"input_ids": x0}, noise).total
+    ar_nll = 0.0
+    for l in range(10):  # −log p(x_l | x_<l), the model's own autoregressive factorisation
+        inp = torch.cat([x0[:, :l], torch.full((2, 1), MASK)], dim=1)
+        logp = subs_log_probs(model(inp, attn_mode="block_causal", block_size=1).logits[:, -1], MASK)
+        ar_nll = ar_nll - logp.gather(-1, x0[:, l : l + 1]).sum()
+    torch.testing.assert_close(total, ar_nll, rtol=1e-5, atol=1e-4)
+
+
+def test_clipped_masks_stay_within_the_range_per_block():
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=16, clip_low=0.3, clip_high=0.8)
+    noise = bd3.sample_noise((64, 128), torch.Generator().manual_seed(0))
+    frac = noise["masked"].view(64, 8, 16).float().mean(-1)
+    assert frac.min() >= 0.3 - 1e-6 and frac.max() <= 0.8 + 1e-6
+    rate = 1 - bd3.schedule.alpha(noise["t"])
+    assert rate.min() >= 0.3 - 1e-3 and rate.max() <= 0.8 + 1e-3
+    full = bd3.sample_noise((64, 128), torch.Generator().manual_seed(0), for_eval=True)  # reporting: U[0, 1]
+    full_frac = full["masked"].view(64, 8, 16).float().mean(-1)
+    assert full_frac.min() < 0.3 and full_frac.max() > 0.8
+
+
+def test_per_block_times_are_antithetic_over_all_blocks():
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=4, t_eps=0.0)
+    t = bd3.sample_noise((8, 16), torch.Generator().manual_seed(1))["t"]  # 8 x 4 block times
+    assert torch.equal(torch.sort((t.flatten() * 32).floor().long()).values, torch.arange(32))
+
+
+def test_bad_block_settings_are_clear_errors():
+    with pytest.raises(ConfigError, match="block_size=5 must be a positive divisor of data.seq_len=256"):
+        from_dict(RecipeConfig, {"objective": "bd3lm", "diffusion": {"block_size": 5}})
+    with pytest.raises(ConfigError, match="no mask count k gives k/1 in"):
+        build_objective("bd3lm", mask_token_id=MASK, block_size=1, clip_low=0.3, clip_high=0.8)
+    with pytest.raises(ConfigError, match="does not divide data.seq_len=10"):
+        build_objective("bd3lm", mask_token_id=MASK, block_size=4).sample_noise((2, 10), torch.Generator())
+
+
+def test_bd3lm_trains_and_exports_a_block_causal_model(tmp_path):
+    from transformers import AutoModel
+
+    from dlm.train.loop import main
+
+    cfg = tiny_recipe(
+        tmp_path,
+        objective="bd3lm",
+        diffusion={"block_size": 8, "clip_low": 0.3, "clip_high": 0.8},
+        sample={"num_samples": 1, "gen_length": 12, "steps": 4},
+    )
+    result = main(cfg)
+    assert result.bound == "nelbo" and 1 < result.val_ppl < 1e4
+    loaded = AutoModel.from_pretrained(result.output_dir / "final")
+    assert loaded.config.attention_mode == "block_causal" and loaded.config.block_size == 8
+    assert result.samples  # decoded block by block (12 rounded up to 16 tokens)
