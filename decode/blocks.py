@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, model_logits, resolve_mask_token_id
 from dlm.decode.sampling import sample_categorical
+from dlm.model.cache import KVCache
 from dlm.schedules import build_schedule
+
+CACHES = ("none", "exact")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class DecodeConfig:
     """Optional criterion ``generated [B, G'] -> finished [B]`` checked after each block (stop strings)."""
     record_history: bool = False
     """Keep the canvas after every step (``DecodeOutput.history``), for replay."""
+    cache: str = "none"
+    """KV cache: ``none``, or ``exact`` for block-causal (BD3-LM) models: finished blocks are kept
+    as clean K/V and only the current block is fed (output equals no cache)."""
 
     def __post_init__(self):
         if self.gen_length < 1:
@@ -79,6 +85,8 @@ class DecodeConfig:
             raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache={self.cache!r}; choose one of {', '.join(CACHES)}")
 
     def make_policy(self) -> InBlockPolicy:
         """The in-block policy of this decoder (each decoder defines it)."""
@@ -134,9 +142,19 @@ class Logits:
     block's positions; others return the whole canvas and the block is sliced out.
     """
 
-    def __init__(self, model: nn.Module, pad: Tensor | None, mask_id: int, cfg: DecodeConfig, prompt_length: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        pad: Tensor | None,
+        mask_id: int,
+        cfg: DecodeConfig,
+        prompt_length: int,
+        cache: KVCache | None = None,
+    ):
         self.model, self.pad, self.mask_id, self.cfg, self.prompt_length = model, pad, mask_id, cfg, prompt_length
         self.block_only = bool(getattr(model, "supports_output_mask", False))
+        self.cache = cache
+        self.committed = 0  # canvas columns [0, committed) hold final tokens whose clean K/V are cached
         self.value: Tensor | None = None  # [B, Tb, V] float32 with SUBS applied
         self.span: tuple[int, int] | None = None  # the block the cached value belongs to
         self.stale: Tensor | None = None  # [B] row changed since the last model call
@@ -165,6 +183,8 @@ class Logits:
         self.unseen |= rows
 
     def _run(self, x: Tensor, pad: Tensor | None, start: int, end: int) -> Tensor:
+        if self.cache is not None:
+            return self._run_cached(x, pad, start, end)
         if not self.block_only:
             return model_logits(self.model, x, pad)[:, start:end]
         keep = torch.zeros_like(x, dtype=torch.bool)
@@ -172,6 +192,21 @@ class Logits:
         out = self.model(input_ids=x, attention_mask=pad, output_mask=keep)
         logits = out.logits if hasattr(out, "logits") else out
         return logits.view(x.shape[0], end - start, -1)
+
+    def _run_cached(self, x: Tensor, pad: Tensor | None, start: int, end: int) -> Tensor:
+        """Feed ``[committed, end)``: earlier blocks (now final) are written to the cache as clean
+        context in the same call that scores the current block."""
+        lo = min(self.committed, start)
+        B = x.shape[0]
+        slots = torch.arange(lo, end, device=x.device).expand(B, -1)
+        keep = torch.zeros(B, end - lo, dtype=torch.bool, device=x.device)
+        keep[:, start - lo :] = True
+        out = self.model(
+            input_ids=x[:, lo:end], attention_mask=pad, cache=self.cache, cache_slots=slots, output_mask=keep
+        )
+        self.committed = start
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits.view(B, end - start, -1)
 
     def _forward(self, x: Tensor, start: int, end: int) -> Tensor:
         if self.cfg.cfg_scale > 0:
@@ -227,6 +262,64 @@ def run_blocks(
             f"mask_token_id={mask_id} is outside the model's vocabulary of {vocab}; "
             "use the mask token of the model's tokenizer"
         )
+    model_block = block_causal_size(model)
+    if cfg.cache == "exact" and model_block is None:
+        mode = getattr(getattr(model, "config", None), "attention_mode", "bidirectional")
+        raise ValueError(
+            f"cache='exact' needs a block-causal (BD3-LM) model; this model is {mode}. Caches it supports: none"
+        )
+    if cfg.cache == "exact" and not getattr(model, "supports_kv_cache", False):
+        raise ValueError("cache='exact' needs a model that takes a KVCache (a dlm model); use cache='none'")
+    extra = 0
+    if model_block is not None:
+        block_len = cfg.gen_length // cfg.num_blocks
+        if block_len % model_block:
+            raise ValueError(
+                f"block_length={block_len} is not a multiple of the model's block size {model_block}; "
+                f"a block-causal model decodes whole blocks (use block_length={model_block})"
+            )
+        # start the generation on a model-block boundary: left-pad the prompt (RoPE positions unchanged)
+        extra = (-prompt_ids.shape[1]) % model_block
+        if extra:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(prompt_ids)
+            prompt_ids = torch.cat([prompt_ids.new_full((prompt_ids.shape[0], extra), mask_id), prompt_ids], dim=1)
+            attention_mask = torch.cat([attention_mask.new_zeros((attention_mask.shape[0], extra)), attention_mask], 1)
+    out = _run_blocks(cfg, policy, model, prompt_ids, attention_mask, generator, mask_id)
+    return out if not extra else _strip_columns(out, extra)
+
+
+def block_causal_size(model: nn.Module) -> int | None:
+    """The block size of a block-causal model, else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "attention_mode", None) == "block_causal":
+        return int(config.block_size)
+    return None
+
+
+def _strip_columns(out: DecodeOutput, n: int) -> DecodeOutput:
+    """Drop the ``n`` alignment columns added on the left of the prompt."""
+    return DecodeOutput(
+        out.tokens[:, n:],
+        out.step_map[:, n:],
+        out.logprobs[:, n:],
+        out.nfe,
+        out.model_calls,
+        out.prompt_length - n,
+        [h[:, n:] for h in out.history],
+        None if out.times is None else out.times[:, n:],
+    )
+
+
+def _run_blocks(
+    cfg: DecodeConfig,
+    policy: InBlockPolicy,
+    model: nn.Module,
+    prompt_ids: Tensor,
+    attention_mask: Tensor | None,
+    generator: torch.Generator | None,
+    mask_id: int,
+) -> DecodeOutput:
     eos = cfg.eos_token_id
     if eos is None:
         found = getattr(getattr(model, "config", None), "eos_token_id", None)
@@ -240,7 +333,11 @@ def run_blocks(
     logprobs = torch.zeros(x.shape, dtype=torch.float64, device=device)
     times = torch.full(x.shape, float("nan"), dtype=torch.float64, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = Logits(model, left_pad_mask(prompt_ids, attention_mask, G), mask_id, cfg, P)
+    pad = left_pad_mask(prompt_ids, attention_mask, G)
+    cache = None
+    if cfg.cache == "exact":
+        cache = KVCache.for_model(model, B * (2 if cfg.cfg_scale > 0 else 1), P + G)
+    logits = Logits(model, pad, mask_id, cfg, P, cache)
     logits.reset(B, device)
     history: list[Tensor] = []
     block_len = G // cfg.num_blocks

@@ -52,6 +52,7 @@ DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
     "threshold": "threshold",
     "factor": "factor",
     "tokens_per_call": "tokens_per_call",
+    "cache": "cache",
 }
 
 
@@ -121,9 +122,12 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     gen = torch.Generator().manual_seed(args.seed)
-    out = decoder(
-        model, enc["input_ids"].to(args.device), attention_mask=enc["attention_mask"].to(args.device), generator=gen
-    )
+    try:  # checks that need the model (cache support, context length, mask id) raise here
+        out = decoder(
+            model, enc["input_ids"].to(args.device), attention_mask=enc["attention_mask"].to(args.device), generator=gen
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if args.show and out.history:
         frames = render_frames(
             out.history, tok, out.prompt_length, model.config.mask_token_id, color=sys.stdout.isatty()
@@ -185,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=float, default=None, help="confidence decoder: Fast-dLLM factor rule")
     p.add_argument("--tokens-per-call", type=int, default=None, help="first_hitting: tokens per model call")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument(
+        "--cache",
+        choices=["none", "exact"],
+        default=None,
+        help="KV cache: exact = lossless block cache for block-causal (BD3-LM) models",
+    )
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--show", action="store_true", help="replay the unmasking step by step in the terminal")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
@@ -222,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="default: the generation length")
     b.add_argument("--block-length", type=int, default=32)
     b.add_argument("--decoders", default=None, help="comma list of labels to run (default: all)")
+    b.add_argument("--caches", default="none", help="comma list of caches to compare (none, exact)")
+    b.add_argument(
+        "--model-block",
+        type=int,
+        default=None,
+        help="make the model block-causal with this block size (BD3-LM decoding; needed for exact)",
+    )
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--device", default="cuda" if _cuda() else "cpu")
     b.add_argument("--json", help="write the results here as JSON")

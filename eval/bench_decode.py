@@ -29,6 +29,7 @@ class TimedModel(nn.Module):
         super().__init__()
         self.model, self.config, self.seconds = model, model.config, 0.0
         self.supports_output_mask = getattr(model, "supports_output_mask", False)
+        self.supports_kv_cache = getattr(model, "supports_kv_cache", False)
 
     def forward(self, **kwargs):
         sync = torch.cuda.synchronize if next(self.model.parameters()).is_cuda else (lambda: None)
@@ -65,16 +66,18 @@ def main(args) -> int:
         num_attention_heads=args.heads,
         max_position_embeddings=max(1024, max_len),
         mask_token_id=args.vocab_size - 1,
+        **({"attention_mode": "block_causal", "block_size": args.model_block} if args.model_block else {}),
     )
     model = TimedModel(DLMModel(config).to(device=args.device, dtype=dtype).eval())
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"dlm bench decode | {n_params / 1e6:.1f}M params (hidden {args.hidden_size}, {args.layers} layers, "
-        f"vocab {args.vocab_size}) | batch {args.batch_size}, prompt {args.prompt_length} | {args.dtype} on "
+        f"vocab {args.vocab_size}{f', block-causal {args.model_block}' if args.model_block else ''}) | "
+        f"batch {args.batch_size}, prompt {args.prompt_length} | {args.dtype} on "
         f"{args.device} ({torch.get_num_threads()} threads)"
     )
     header = (
-        f"{'decoder':22s} {'gen':>5s} {'steps':>5s} {'NFE':>7s} {'expected':>8s} {'wall s':>8s} "
+        f"{'decoder':22s} {'cache':>6s} {'gen':>5s} {'steps':>5s} {'NFE':>7s} {'expected':>8s} {'wall s':>8s} "
         f"{'model s':>8s} {'overhead':>8s} {'tok/s':>8s}"
     )
     print(header)
@@ -83,10 +86,19 @@ def main(args) -> int:
         steps = gen_length if args.steps is None else args.steps
         prompt = torch.randint(0, args.vocab_size - 1, (args.batch_size, args.prompt_length), device=args.device)
         wanted = set(args.decoders.split(",")) if args.decoders else None
-        for label, name, kw in decoder_grid(gen_length, steps, args.block_length):
+        runs = [
+            (label, name, kw, cache)
+            for label, name, kw in decoder_grid(gen_length, steps, args.block_length)
+            for cache in args.caches.split(",")
+        ]
+        for label, name, kw, cache in runs:
             if wanted and label not in wanted:
                 continue
-            decoder = build_decoder(name, gen_length=gen_length, eos_token_id=None, **{"steps": steps, **kw})
+            if args.model_block and "block_length" not in kw:
+                kw = {**kw, "block_length": args.block_length}  # a block-causal model decodes whole blocks
+            decoder = build_decoder(
+                name, gen_length=gen_length, eos_token_id=None, cache=cache, **{"steps": steps, **kw}
+            )
             model.seconds = 0.0
             t0 = time.perf_counter()
             out = decoder(model, prompt, generator=torch.Generator().manual_seed(0))
@@ -96,7 +108,9 @@ def main(args) -> int:
             nfe = out.nfe.double().mean().item()
             expected = {
                 "first_hitting": float(gen_length),
-                "ancestral": expected_ancestral_nfe(steps, gen_length, 1),
+                "ancestral": expected_ancestral_nfe(
+                    steps, gen_length, gen_length // kw.get("block_length", gen_length)
+                ),
             }.get(label)
             row = {
                 "decoder": label,
@@ -113,8 +127,8 @@ def main(args) -> int:
             rows.append(row)
             exp = f"{expected:8.1f}" if expected is not None else f"{'—':>8s}"
             print(
-                f"{label:22s} {gen_length:5d} {row['steps']:5d} {nfe:7.1f} {exp} {wall:8.2f} {model.seconds:8.2f} "
-                f"{row['overhead']:8.1%} {row['tokens_per_s']:8.1f}"
+                f"{label:22s} {cache:>6s} {gen_length:5d} {row['steps']:5d} {nfe:7.1f} {exp} {wall:8.2f} "
+                f"{model.seconds:8.2f} {row['overhead']:8.1%} {row['tokens_per_s']:8.1f}"
             )
     if args.json:
         with open(args.json, "w") as fh:

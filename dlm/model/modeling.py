@@ -190,6 +190,8 @@ class DLMModel(DLMPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
     #: forward(output_mask=...) returns logits of the selected positions only (decoders use it)
     supports_output_mask = True
+    #: forward(cache=KVCache, cache_slots=...) feeds only some canvas columns
+    supports_kv_cache = True
 
     def __init__(self, config: DLMConfig):
         super().__init__(config)
