@@ -262,6 +262,7 @@ def run_blocks(
             f"mask_token_id={mask_id} is outside the model's vocabulary of {vocab}; "
             "use the mask token of the model's tokenizer"
         )
+    check_context(model, prompt_ids.shape[1] + cfg.gen_length)  # alignment padding below takes no positions
     model_block = block_causal_size(model)
     if cfg.cache == "exact" and model_block is None:
         mode = getattr(getattr(model, "config", None), "attention_mode", "bidirectional")
@@ -326,7 +327,6 @@ def _run_blocks(
         eos = found[0] if isinstance(found, (list, tuple)) else found
     B, P = prompt_ids.shape
     G = cfg.gen_length
-    check_context(model, P + G)
     device = prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=prompt_ids.dtype, device=device)], dim=1)
     step_map = torch.full_like(x, -1)

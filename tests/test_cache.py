@@ -100,3 +100,11 @@ def test_cache_errors_name_what_is_supported():
         build_decoder("confidence", gen_length=8, steps=8, block_length=2)(
             block_model(4), torch.zeros(1, 4, dtype=torch.long)
         )
+
+
+def test_alignment_padding_does_not_count_against_the_context():
+    model = tiny_model(attention_mode="block_causal", block_size=8, max_position_embeddings=24)
+    out = build_decoder("confidence", gen_length=16, steps=16, block_length=8, cache="exact")(
+        model, torch.randint(0, 63, (1, 7))
+    )  # 7 + 16 = 23 positions; the canvas is padded to 8 + 16
+    assert out.tokens.shape == (1, 23)

@@ -56,7 +56,7 @@ def test_generate_option_errors(trained, capsys):
     assert "--threshold does not apply to --decoder ancestral" in capsys.readouterr().err
     assert cli_main(["generate", trained, "--gen-length", "10", "--block-length", "4"]) == 2
     assert "block_length=4 does not divide gen_length=10" in capsys.readouterr().err
-    assert cli_main(["generate", trained, "--cache", "exact"]) == 2
+    assert cli_main(["generate", trained, "--cache", "exact", "--gen-length", "8"]) == 2
     assert "cache='exact' needs a block-causal" in capsys.readouterr().err
     assert cli_main(["generate", trained, "--chat", "--prompt", "hi"]) == 2
     assert "no chat template" in capsys.readouterr().err

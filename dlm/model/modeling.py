@@ -308,7 +308,15 @@ class DLMModel(DLMPreTrainedModel):
         if unused:
             raise TypeError(f"DLMModel.forward got unexpected arguments: {', '.join(sorted(unused))}")
         B, T = input_ids.shape
-        if position_ids is None and cache is None and T > self.config.max_position_embeddings:
+        limit = self.config.max_position_embeddings
+        if (
+            position_ids is None
+            and cache is None
+            and T > limit
+            and not (
+                attention_mask is not None and attention_mask.dim() == 2 and int(attention_mask.sum(-1).max()) <= limit
+            )
+        ):  # left padding takes no positions
             raise ValueError(
                 f"input length {T} exceeds the model's max_position_embeddings "
                 f"({self.config.max_position_embeddings}); shorten the input or raise rope_scaling_factor"
