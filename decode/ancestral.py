@@ -24,8 +24,6 @@ from dlm.decode.sampling import uniforms
 
 
 class AncestralPolicy:
-    last_times = None
-
     def __init__(self, cfg: AncestralDecoder):
         self.cfg = cfg
         self.schedule = schedule_of(cfg.schedule, cfg.schedule_eps)

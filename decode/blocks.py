@@ -331,7 +331,10 @@ def _run_blocks(
     x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=prompt_ids.dtype, device=device)], dim=1)
     step_map = torch.full_like(x, -1)
     logprobs = torch.zeros(x.shape, dtype=torch.float64, device=device)
-    times = torch.full(x.shape, float("nan"), dtype=torch.float64, device=device)
+    # policies that simulate the continuous-time chain (first-hitting) expose last_times
+    times = (
+        torch.full(x.shape, float("nan"), dtype=torch.float64, device=device) if hasattr(policy, "last_times") else None
+    )
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     pad = left_pad_mask(prompt_ids, attention_mask, G)
     cache = None
@@ -357,7 +360,7 @@ def _run_blocks(
             block[decode] = tokens[decode].to(x.dtype)
             step_map[:, start:end][decode] = global_step
             logprobs[:, start:end][decode] = lp[decode].double()
-            if getattr(policy, "last_times", None) is not None:
+            if times is not None:
                 times[:, start:end][decode] = policy.last_times[decode]
             logits.changed(decode.any(dim=1))
             global_step += 1

@@ -66,8 +66,6 @@ def count_from_rule(conf_BT: Tensor, masked: Tensor, rule: str, threshold: float
 
 
 class ConfidencePolicy:
-    last_times = None
-
     def __init__(self, cfg: ConfidenceDecoder):
         self.cfg = cfg
 

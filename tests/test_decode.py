@@ -50,6 +50,7 @@ def test_ancestral_decodes_everything_and_keeps_the_prompt():
     assert (out.step_map[:, :5] == -1).all() and ((out.step_map[:, 5:] >= 0) & (out.step_map[:, 5:] < 6)).all()
     assert (out.logprobs[:, 5:] <= 0).all() and (out.logprobs[:, :5] == 0).all()
     assert (out.nfe >= 1).all() and (out.nfe <= 6).all() and out.model_calls <= 6
+    assert out.times is None  # unmasking times are the first-hitting sampler's
 
 
 def test_ancestral_is_reproducible_and_greedy_is_deterministic():
