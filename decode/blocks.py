@@ -26,12 +26,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, model_logits, resolve_mask_token_id
+from dlm.decode.caches import CACHES, Runner, check_cache, make_runner
+from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, resolve_mask_token_id
 from dlm.decode.sampling import sample_categorical
-from dlm.model.cache import KVCache
 from dlm.schedules import build_schedule
-
-CACHES = ("none", "exact")
 
 
 @dataclass(frozen=True)
@@ -58,8 +56,11 @@ class DecodeConfig:
     record_history: bool = False
     """Keep the canvas after every step (``DecodeOutput.history``), for replay."""
     cache: str = "none"
-    """KV cache: ``none``, or ``exact`` for block-causal (BD3-LM) models: finished blocks are kept
-    as clean K/V and only the current block is fed (output equals no cache)."""
+    """KV cache (``decode/caches.py``): ``none``; ``exact`` for block-causal (BD3-LM) models
+    (output equals no cache); ``prefix``, ``dual`` (Fast-dLLM, refreshed at block starts) or
+    ``delayed`` (dKV-Cache-Decode) for bidirectional or block-causal models."""
+    refresh_every: int = 8
+    """Delayed cache: a full forward at each block start and every ``r`` model calls (1 = no cache)."""
 
     def __post_init__(self):
         if self.gen_length < 1:
@@ -87,6 +88,8 @@ class DecodeConfig:
             raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0")
         if self.cache not in CACHES:
             raise ValueError(f"cache={self.cache!r}; choose one of {', '.join(CACHES)}")
+        if self.refresh_every < 1:
+            raise ValueError(f"refresh_every={self.refresh_every} must be >= 1 (1 = refresh at every call)")
 
     def make_policy(self) -> InBlockPolicy:
         """The in-block policy of this decoder (each decoder defines it)."""
@@ -139,7 +142,8 @@ class Logits:
     """Lazy, cached model evaluation of one block's logits, with per-row NFE accounting.
 
     Models that declare ``supports_output_mask`` (dlm's own) compute the LM head only for the
-    block's positions; others return the whole canvas and the block is sliced out.
+    block's positions; others return the whole canvas and the block is sliced out. The runner
+    (``decode/caches.py``) decides which columns each call feeds.
     """
 
     def __init__(
@@ -149,12 +153,10 @@ class Logits:
         mask_id: int,
         cfg: DecodeConfig,
         prompt_length: int,
-        cache: KVCache | None = None,
+        runner: Runner,
     ):
         self.model, self.pad, self.mask_id, self.cfg, self.prompt_length = model, pad, mask_id, cfg, prompt_length
-        self.block_only = bool(getattr(model, "supports_output_mask", False))
-        self.cache = cache
-        self.committed = 0  # canvas columns [0, committed) hold final tokens whose clean K/V are cached
+        self.runner = runner  # which columns each model call feeds (the KV-cache policy)
         self.value: Tensor | None = None  # [B, Tb, V] float32 with SUBS applied
         self.span: tuple[int, int] | None = None  # the block the cached value belongs to
         self.stale: Tensor | None = None  # [B] row changed since the last model call
@@ -183,30 +185,7 @@ class Logits:
         self.unseen |= rows
 
     def _run(self, x: Tensor, pad: Tensor | None, start: int, end: int) -> Tensor:
-        if self.cache is not None:
-            return self._run_cached(x, pad, start, end)
-        if not self.block_only:
-            return model_logits(self.model, x, pad)[:, start:end]
-        keep = torch.zeros_like(x, dtype=torch.bool)
-        keep[:, start:end] = True
-        out = self.model(input_ids=x, attention_mask=pad, output_mask=keep)
-        logits = out.logits if hasattr(out, "logits") else out
-        return logits.view(x.shape[0], end - start, -1)
-
-    def _run_cached(self, x: Tensor, pad: Tensor | None, start: int, end: int) -> Tensor:
-        """Feed ``[committed, end)``: earlier blocks (now final) are written to the cache as clean
-        context in the same call that scores the current block."""
-        lo = min(self.committed, start)
-        B = x.shape[0]
-        slots = torch.arange(lo, end, device=x.device).expand(B, -1)
-        keep = torch.zeros(B, end - lo, dtype=torch.bool, device=x.device)
-        keep[:, start - lo :] = True
-        out = self.model(
-            input_ids=x[:, lo:end], attention_mask=pad, cache=self.cache, cache_slots=slots, output_mask=keep
-        )
-        self.committed = start
-        logits = out.logits if hasattr(out, "logits") else out
-        return logits.view(B, end - start, -1)
+        return self.runner(x, pad, start, end, new_block=self.span != (start, end))
 
     def _forward(self, x: Tensor, start: int, end: int) -> Tensor:
         if self.cfg.cfg_scale > 0:
@@ -263,14 +242,8 @@ def run_blocks(
             "use the mask token of the model's tokenizer"
         )
     check_context(model, prompt_ids.shape[1] + cfg.gen_length)  # alignment padding below takes no positions
+    check_cache(model, cfg.cache)
     model_block = block_causal_size(model)
-    if cfg.cache == "exact" and model_block is None:
-        mode = getattr(getattr(model, "config", None), "attention_mode", "bidirectional")
-        raise ValueError(
-            f"cache='exact' needs a block-causal (BD3-LM) model; this model is {mode}. Caches it supports: none"
-        )
-    if cfg.cache == "exact" and not getattr(model, "supports_kv_cache", False):
-        raise ValueError("cache='exact' needs a model that takes a KVCache (a dlm model); use cache='none'")
     extra = 0
     if model_block is not None:
         block_len = cfg.gen_length // cfg.num_blocks
@@ -337,10 +310,10 @@ def _run_blocks(
     )
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     pad = left_pad_mask(prompt_ids, attention_mask, G)
-    cache = None
-    if cfg.cache == "exact":
-        cache = KVCache.for_model(model, B * (2 if cfg.cfg_scale > 0 else 1), P + G)
-    logits = Logits(model, pad, mask_id, cfg, P, cache)
+    rows = B * (2 if cfg.cfg_scale > 0 else 1)
+    block_only = bool(getattr(model, "supports_output_mask", False))
+    runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only)
+    logits = Logits(model, pad, mask_id, cfg, P, runner)
     logits.reset(B, device)
     history: list[Tensor] = []
     block_len = G // cfg.num_blocks

@@ -3,6 +3,7 @@
 dlm train RECIPE.yaml [key=value ...]        train (one process; use accelerate launch for more)
 dlm generate CHECKPOINT --prompt TEXT ...    sample from a trained model
 dlm bench train [--hidden-size ...]          training step time, MDLM vs AR on one backbone
+dlm bench decode [--checkpoint PATH] ...     decoding throughput: decoders x caches x lengths x batch
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
     "factor": "factor",
     "tokens_per_call": "tokens_per_call",
     "cache": "cache",
+    "refresh_every": "refresh_every",
 }
 
 
@@ -191,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument(
         "--cache",
-        choices=["none", "exact"],
+        choices=["none", "exact", "prefix", "dual", "delayed"],
         default=None,
-        help="KV cache: exact = lossless block cache for block-causal (BD3-LM) models",
+        help="KV cache: exact (lossless, block-causal models), prefix / dual (Fast-dLLM), delayed (dKV-Cache)",
     )
+    p.add_argument("--refresh-every", type=int, default=None, help="delayed cache: full refresh every r calls")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--show", action="store_true", help="replay the unmasking step by step in the terminal")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
@@ -221,27 +224,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the results here as JSON")
     b.set_defaults(func=_bench_train)
 
-    b = bench.add_parser("decode", help="decoders: model time vs sampler overhead, NFE, tokens/s")
-    b.add_argument("--hidden-size", type=int, default=128)
+    b = bench.add_parser(
+        "decode", help="decoders x caches x lengths x batch sizes: tokens/s, NFE, latency, memory, speedups"
+    )
+    b.add_argument("--checkpoint", default=None, help="a trained model (default: random weights of --shape)")
+    b.add_argument("--shape", default=None, help="benchmark shape: tiny, small (11.6M), base (42.5M), llada-8b")
+    b.add_argument("--hidden-size", type=int, default=256, help="custom shape (when no --shape/--checkpoint)")
     b.add_argument("--layers", type=int, default=4)
     b.add_argument("--heads", type=int, default=4)
     b.add_argument("--vocab-size", type=int, default=32768)
-    b.add_argument("--batch-size", type=int, default=1)
-    b.add_argument("--prompt-length", type=int, default=16)
+    b.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,8")
+    b.add_argument("--prompt-length", type=int, default=16, help="random prompts (without --task)")
     b.add_argument("--gen-lengths", default="256,1024")
-    b.add_argument("--steps", type=int, default=None, help="default: the generation length")
+    b.add_argument("--steps", type=int, default=None, help="default: the generation length (one token per step)")
     b.add_argument("--block-length", type=int, default=32)
-    b.add_argument("--decoders", default=None, help="comma list of labels to run (default: all)")
-    b.add_argument("--caches", default="none", help="comma list of caches to compare (none, exact)")
+    b.add_argument(
+        "--decoders", default=None, help="comma list of ancestral, first_hitting, confidence, threshold (default: all)"
+    )
+    b.add_argument("--threshold", type=float, default=0.9, help="the threshold decoder's confidence threshold")
+    b.add_argument("--caches", default=None, help="comma list (default: every cache the model supports)")
+    b.add_argument("--refresh-every", type=int, default=8, help="delayed cache refresh interval")
+    b.add_argument("--task", default=None, help="score generations on a generated task (dlm.tasks), e.g. repeat")
     b.add_argument(
         "--model-block",
         type=int,
         default=None,
-        help="make the model block-causal with this block size (BD3-LM decoding; needed for exact)",
+        help="make the random model block-causal with this block size (BD3-LM decoding; needed for exact)",
     )
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    b.add_argument("--json", help="write the results here as JSON")
+    b.add_argument("--json", help="write every figure here as JSON")
     b.set_defaults(func=_bench_decode)
     return parser
 

@@ -6,7 +6,9 @@ Sources (``data.dataset``):
   machine, no download (the quickstart's corpus);
 * a local directory (files matching ``data.file_glob``, one document per file) or a local
   ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file;
-* any HF hub dataset name (``data.dataset_config``, ``data.split``).
+* any HF hub dataset name (``data.dataset_config``, ``data.split``);
+* ``task:NAME`` — a generated task from :mod:`dlm.tasks` (``data.task_args``; ``max_documents``
+  examples, default 10000), with ``prompt`` / ``response`` fields for ``format: chat``.
 
 ``format: text`` packs documents into rows of ``seq_len`` tokens with EOS between documents.
 ``format: chat`` builds SFT rows (prompt + answer + EOS padding) with a ``loss_mask`` over the
@@ -75,6 +77,8 @@ class DataConfig:
     """Use only this many documents (after a seeded shuffle)."""
     streaming: bool = False
     """Stream the corpus instead of loading it (for corpora larger than memory)."""
+    task_args: dict[str, Any] = field(default_factory=dict)
+    """Arguments of a generated task (``dataset: task:NAME``)."""
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -104,6 +108,17 @@ def load_documents(cfg: DataConfig, streaming: bool = False):
     from datasets import load_dataset
 
     name = cfg.dataset
+    if name.startswith("task:"):
+        from datasets import Dataset
+
+        from dlm.tasks import generate
+
+        try:
+            rows = generate(name[5:], cfg.max_documents or 10000, seed=0, **cfg.task_args)
+        except ValueError as exc:
+            raise DataError(f"data.dataset {name!r}: {exc}") from None
+        ds = Dataset.from_list(rows)
+        return ds.to_iterable_dataset() if streaming else ds
     if name == "stdlib" or (_is_local(name) and Path(name).expanduser().is_dir()):
         files = (
             stdlib_files(cfg.file_glob)

@@ -1,11 +1,17 @@
-"""Decoder benchmark: where the time goes (model vs sampler) and how many model calls.
+"""Decoding benchmark: decoders × caches × generation lengths × batch sizes.
 
-    dlm bench decode --hidden-size 128 --layers 4 --vocab-size 32768 --gen-lengths 256,1024
+    dlm bench decode --shape small --gen-lengths 256,1024 --batch-sizes 1,8 --json bench.json
+    dlm bench decode --checkpoint runs/repeat-task --task repeat --caches none,dual
 
-A random-weight model of the given shape (speed does not depend on the weights) decodes a
-batch of prompts with each decoder. Model time is measured inside the forward (synchronised
-on CUDA); sampler overhead is the rest of the wall time. Generated tokens only count toward
-tokens/s; the prompt's prefill is part of every model call and of the wall time.
+The model is a checkpoint or a named benchmark shape with random weights (speed does not
+depend on the weights). Per run: NFE (mean per row), model calls, wall time (= the latency of
+the batch: prefill included), model time measured inside the forward (synchronised on CUDA)
+and the sampler overhead (the rest), generated tokens/s (prompt tokens excluded), peak
+memory (CUDA: allocator peak; CPU: peak resident-set growth, sampled), and with ``--task`` the
+task score of the generations. Speedups are against the same decoder without a cache at the
+same length, batch and steps; ``combined`` is threshold decoding + the given cache against
+one-token-per-step confidence decoding without a cache. A table goes to the terminal, every
+figure to ``--json``.
 Expected NFE: first_hitting exactly L; ancestral with the no-change cache N·(1 − (1 − 1/N)^L)
 for one block (per block with semi-AR).
 """
@@ -13,13 +19,34 @@ for one block (per block with semi-AR).
 from __future__ import annotations
 
 import json
+import threading
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dlm.decode import build_decoder
+from dlm.decode.caches import supported_caches
 from dlm.model import DLMConfig, DLMModel
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+
+
+SHAPES = {
+    "tiny": Shape(128, 4, 4, 0, 32768),  # 0 = SwiGLU's default 8/3 expansion
+    "small": Shape(256, 4, 4, 0, 32768),  # 11.6M
+    "base": Shape(512, 8, 8, 0, 32768),  # 42.5M
+    "llada-8b": Shape(4096, 32, 32, 12288, 126464),  # LLaDA-8B's shape (8.0B)
+}
 
 
 class TimedModel(nn.Module):
@@ -41,96 +68,209 @@ class TimedModel(nn.Module):
         return out
 
 
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or on CPU the peak growth of the resident set
+    (sampled every 10 ms by a thread)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.peak_mb = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.proc = psutil.Process()
+            self.base = self.top = self.proc.memory_info().rss
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.top = max(self.top, self.proc.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak_mb = (max(self.top, self.proc.memory_info().rss) - self.base) / 2**20
+
+
 def expected_ancestral_nfe(steps: int, length: int, blocks: int) -> float:
     n, l = steps // blocks, length // blocks
     return blocks * n * (1 - (1 - 1 / n) ** l)
 
 
-def decoder_grid(gen_length: int, steps: int, block: int) -> list[tuple[str, str, dict]]:
-    return [
-        ("ancestral", "ancestral", {"steps": steps}),
-        ("first_hitting", "first_hitting", {}),
-        ("confidence", "confidence", {"steps": steps, "block_length": block}),
-        ("confidence+threshold", "confidence", {"steps": steps, "block_length": block, "rule": "threshold"}),
-    ]
+def decoder_grid(steps: int, block: int, threshold: float) -> dict[str, tuple[str, dict]]:
+    return {
+        "ancestral": ("ancestral", {"steps": steps, "block_length": block}),
+        "first_hitting": ("first_hitting", {"block_length": block}),
+        "confidence": ("confidence", {"steps": steps, "block_length": block}),
+        "threshold": (
+            "confidence",
+            {"steps": steps, "block_length": block, "rule": "threshold", "threshold": threshold},
+        ),
+    }
+
+
+def load_model(args) -> tuple[nn.Module, object | None, str]:
+    """The benchmarked model, its tokenizer (checkpoints only) and a one-line description."""
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if args.checkpoint:
+        from transformers import AutoModel, AutoTokenizer
+
+        import dlm  # noqa: F401  (Auto classes)
+        from dlm.cli import resolve_checkpoint
+
+        path = resolve_checkpoint(args.checkpoint)
+        model = AutoModel.from_pretrained(path, dtype=dtype).to(args.device).eval()
+        return model, AutoTokenizer.from_pretrained(path), f"checkpoint {path}"
+    shape = SHAPES[args.shape] if args.shape else Shape(args.hidden_size, args.layers, args.heads, 0, args.vocab_size)
+    max_len = args.prompt_length + max(args.gen_lengths)
+    config = DLMConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        **({"intermediate_size": shape.intermediate_size} if shape.intermediate_size else {}),
+        max_position_embeddings=max(1024, max_len),
+        mask_token_id=shape.vocab_size - 1,
+        **({"attention_mode": "block_causal", "block_size": args.model_block} if args.model_block else {}),
+    )
+    with torch.device(args.device):
+        model = DLMModel(config).to(dtype=dtype).eval()
+    return model, None, f"random weights, shape {args.shape or 'custom'}"
+
+
+def task_prompts(args, tok, batch: int, gen_length: int):
+    """Left-padded prompts of held-out task examples (seed 1; training uses seed 0) and the examples."""
+    from dlm.tasks import generate
+
+    examples = generate(args.task, batch, seed=1)
+    tok.padding_side = "left"
+    enc = tok([e["prompt"] for e in examples], add_special_tokens=False, padding=True, return_tensors="pt")
+    return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device), examples
 
 
 def main(args) -> int:
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    max_len = args.prompt_length + max(int(g) for g in args.gen_lengths.split(","))
-    config = DLMConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=max(1024, max_len),
-        mask_token_id=args.vocab_size - 1,
-        **({"attention_mode": "block_causal", "block_size": args.model_block} if args.model_block else {}),
-    )
-    model = TimedModel(DLMModel(config).to(device=args.device, dtype=dtype).eval())
+    args.gen_lengths = [int(g) for g in str(args.gen_lengths).split(",")]
+    batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    inner, tok, what = load_model(args)
+    model = TimedModel(inner)
     n_params = sum(p.numel() for p in model.parameters())
+    caches = args.caches.split(",") if args.caches else supported_caches(inner)
+    for cache in caches:
+        if cache not in supported_caches(inner):
+            raise SystemExit(
+                f"dlm bench decode: cache {cache!r} is not supported by this model; "
+                f"it supports {', '.join(supported_caches(inner))}"
+            )
+    if args.task and tok is None:
+        raise SystemExit("dlm bench decode: --task needs --checkpoint (a model trained on the task and its tokenizer)")
+    cfg = inner.config
     print(
-        f"dlm bench decode | {n_params / 1e6:.1f}M params (hidden {args.hidden_size}, {args.layers} layers, "
-        f"vocab {args.vocab_size}{f', block-causal {args.model_block}' if args.model_block else ''}) | "
-        f"batch {args.batch_size}, prompt {args.prompt_length} | {args.dtype} on "
-        f"{args.device} ({torch.get_num_threads()} threads)"
+        f"dlm bench decode | {what} | {n_params / 1e6:.1f}M params (hidden {cfg.hidden_size}, "
+        f"{cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, {cfg.attention_mode}) | block {args.block_length} | "
+        f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads)"
     )
     header = (
-        f"{'decoder':22s} {'cache':>6s} {'gen':>5s} {'steps':>5s} {'NFE':>7s} {'expected':>8s} {'wall s':>8s} "
-        f"{'model s':>8s} {'overhead':>8s} {'tok/s':>8s}"
+        f"{'decoder':14s} {'cache':>8s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'wall s':>8s} "
+        f"{'overhead':>8s} {'tok/s':>8s} {'speedup':>7s} {'mem MB':>7s}" + (f" {'score':>6s}" if args.task else "")
     )
-    print(header)
+    print(header, flush=True)
+    wanted = args.decoders.split(",") if args.decoders else ["ancestral", "first_hitting", "confidence", "threshold"]
     rows = []
-    for gen_length in (int(g) for g in args.gen_lengths.split(",")):
+    for gen_length in args.gen_lengths:
         steps = gen_length if args.steps is None else args.steps
-        prompt = torch.randint(0, args.vocab_size - 1, (args.batch_size, args.prompt_length), device=args.device)
-        wanted = set(args.decoders.split(",")) if args.decoders else None
-        runs = [
-            (label, name, kw, cache)
-            for label, name, kw in decoder_grid(gen_length, steps, args.block_length)
-            for cache in args.caches.split(",")
-        ]
-        for label, name, kw, cache in runs:
-            if wanted and label not in wanted:
-                continue
-            if args.model_block and "block_length" not in kw:
-                kw = {**kw, "block_length": args.block_length}  # a block-causal model decodes whole blocks
-            decoder = build_decoder(
-                name, gen_length=gen_length, eos_token_id=None, cache=cache, **{"steps": steps, **kw}
-            )
-            model.seconds = 0.0
-            t0 = time.perf_counter()
-            out = decoder(model, prompt, generator=torch.Generator().manual_seed(0))
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-            nfe = out.nfe.double().mean().item()
-            expected = {
-                "first_hitting": float(gen_length),
-                "ancestral": expected_ancestral_nfe(
-                    steps, gen_length, gen_length // kw.get("block_length", gen_length)
-                ),
-            }.get(label)
-            row = {
-                "decoder": label,
-                "gen_length": gen_length,
-                "steps": kw.get("steps", gen_length),
-                "nfe": nfe,
-                "expected_nfe": expected,
-                "wall_s": wall,
-                "model_s": model.seconds,
-                "overhead": 1 - model.seconds / wall,
-                "tokens_per_s": args.batch_size * gen_length / wall,
-                "model_calls": out.model_calls,
-            }
-            rows.append(row)
-            exp = f"{expected:8.1f}" if expected is not None else f"{'—':>8s}"
-            print(
-                f"{label:22s} {cache:>6s} {gen_length:5d} {row['steps']:5d} {nfe:7.1f} {exp} {wall:8.2f} "
-                f"{model.seconds:8.2f} {row['overhead']:8.1%} {row['tokens_per_s']:8.1f}"
-            )
+        grid = decoder_grid(steps, args.block_length, args.threshold)
+        for batch in batch_sizes:
+            if args.task:
+                prompt, pad, examples = task_prompts(args, tok, batch, gen_length)
+            else:
+                prompt = torch.randint(0, cfg.vocab_size - 1, (batch, args.prompt_length), device=args.device)
+                pad, examples = None, None
+            baseline: dict[str, float] = {}
+            for label in wanted:
+                name, kw = grid[label]
+                for cache in caches:
+                    decoder = build_decoder(
+                        name,
+                        gen_length=gen_length,
+                        eos_token_id=None,
+                        cache=cache,
+                        refresh_every=args.refresh_every,
+                        **({"temperature": 0.0} if args.task and name == "confidence" else {}),
+                        **kw,
+                    )
+                    model.seconds = 0.0
+                    with PeakMemory(args.device) as mem:
+                        t0 = time.perf_counter()
+                        out = decoder(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0))
+                        if args.device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        wall = time.perf_counter() - t0
+                    nfe = out.nfe.double().mean().item()
+                    expected = {
+                        "first_hitting": float(gen_length),
+                        "ancestral": expected_ancestral_nfe(steps, gen_length, gen_length // args.block_length),
+                    }.get(label)
+                    if cache == "none":
+                        baseline[label] = wall
+                    ref = baseline.get(label)
+                    row = {
+                        "decoder": label,
+                        "cache": cache,
+                        "gen_length": gen_length,
+                        "batch_size": batch,
+                        "steps": steps,
+                        "nfe": nfe,
+                        "expected_nfe": expected,
+                        "model_calls": out.model_calls,
+                        "wall_s": wall,
+                        "latency_s": wall,
+                        "model_s": model.seconds,
+                        "overhead": 1 - model.seconds / wall,
+                        "tokens_per_s": batch * gen_length / wall,
+                        "speedup_vs_no_cache": ref / wall if ref else None,
+                        "combined_vs_confidence_no_cache": (
+                            baseline["confidence"] / wall if label == "threshold" and "confidence" in baseline else None
+                        ),
+                        "peak_memory_mb": mem.peak_mb,
+                    }
+                    if examples is not None:
+                        texts = tok.batch_decode(out.generated, skip_special_tokens=True)
+                        from dlm.tasks import score
+
+                        row["score"] = sum(score(args.task, e, t) for e, t in zip(examples, texts)) / len(texts)
+                    rows.append(row)
+                    exp = f"{expected:7.1f}" if expected is not None else f"{'—':>7s}"
+                    speed = f"{row['speedup_vs_no_cache']:6.2f}x" if ref else f"{'—':>7s}"
+                    print(
+                        f"{label:14s} {cache:>8s} {gen_length:5d} {batch:5d} {nfe:7.1f} {exp} {wall:8.2f} "
+                        f"{row['overhead']:8.1%} {row['tokens_per_s']:8.1f} {speed} {mem.peak_mb:7.1f}"
+                        + (f" {row['score']:6.3f}" if examples is not None else ""),
+                        flush=True,
+                    )
+    combined = [r for r in rows if r["combined_vs_confidence_no_cache"]]
+    for r in combined:
+        print(
+            f"combined: threshold {args.threshold} + {r['cache']} vs confidence (1 token/step) without cache, "
+            f"gen {r['gen_length']}, batch {r['batch_size']}: {r['combined_vs_confidence_no_cache']:.2f}x"
+        )
     if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
         with open(args.json, "w") as fh:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": rows}, fh, indent=2)
+            json.dump({"model": what, "params": n_params, "settings": settings, "results": rows}, fh, indent=2)
     return 0

@@ -1,4 +1,7 @@
-"""SPEC §7: the exact block cache equals no cache, token for token."""
+"""SPEC §7: KV caches. The exact block cache (and the prefix cache on a block-causal model)
+equal no cache token for token; the delayed cache with r = 1 equals no cache; the approximate
+caches handle ragged left-padded batches (each row decodes as it would alone) and read back
+exactly what a full forward computes while the canvas is unchanged."""
 
 import pytest
 import torch
@@ -90,12 +93,17 @@ def test_unaligned_prompt_is_aligned_to_model_blocks_and_hidden_from_the_caller(
 
 
 def test_cache_errors_name_what_is_supported():
-    with pytest.raises(ValueError, match="cache='exact' needs a block-causal.*bidirectional.*Caches it supports: none"):
+    with pytest.raises(
+        ValueError,
+        match="cache='exact' needs a block-causal.*bidirectional. Caches it supports: none, prefix, dual, delayed",
+    ):
         build_decoder("confidence", gen_length=8, steps=8, cache="exact")(
             tiny_model(), torch.zeros(1, 2, dtype=torch.long)
         )
-    with pytest.raises(ValueError, match="cache='dual'; choose one of none, exact"):
-        build_decoder("confidence", gen_length=8, steps=8, cache="dual")
+    with pytest.raises(ValueError, match="cache='fast'; choose one of none, exact, prefix, dual, delayed"):
+        build_decoder("confidence", gen_length=8, steps=8, cache="fast")
+    with pytest.raises(ValueError, match="refresh_every=0 must be >= 1"):
+        build_decoder("confidence", gen_length=8, steps=8, cache="delayed", refresh_every=0)
     with pytest.raises(ValueError, match="block_length=2 is not a multiple of the model's block size 4"):
         build_decoder("confidence", gen_length=8, steps=8, block_length=2)(
             block_model(4), torch.zeros(1, 4, dtype=torch.long)
@@ -108,3 +116,145 @@ def test_alignment_padding_does_not_count_against_the_context():
         model, torch.randint(0, 63, (1, 7))
     )  # 7 + 16 = 23 positions; the canvas is padded to 8 + 16
     assert out.tokens.shape == (1, 23)
+
+
+class NoCacheSupport(nn.Module):
+    """A model that takes no KVCache (like a transformers model)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids, attention_mask=attention_mask)
+
+
+def test_cache_on_a_model_without_cache_support_names_none():
+    with pytest.raises(ValueError, match="cache='dual' needs a model that takes a KVCache.*Caches it supports: none"):
+        build_decoder("confidence", gen_length=8, steps=8, cache="dual")(
+            NoCacheSupport(tiny_model()), torch.zeros(1, 2, dtype=torch.long)
+        )
+
+
+def ragged(batch: int, length: int = 6, seed: int = 0):
+    torch.manual_seed(seed)
+    prompt = torch.randint(0, 63, (batch, length))
+    pad = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1:
+        pad[1, :3] = 0
+        pad[2, :5] = 0
+    return prompt, pad
+
+
+DECODERS = [
+    ("confidence", {}),
+    ("confidence", {"rule": "threshold", "threshold": 0.05}),
+    ("ancestral", {}),
+    ("first_hitting", {}),
+]
+
+
+def decode_pair(model, name, kw, caches, batch, **settings):
+    prompt, pad = ragged(batch)
+    outs = []
+    for cache, extra in caches:
+        dec = build_decoder(
+            name, gen_length=16, steps=16, block_length=4, eos_token_id=None, cache=cache, **extra, **settings, **kw
+        )
+        outs.append(dec(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0)))
+    return outs
+
+
+@pytest.mark.parametrize("name, kw", DECODERS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prefix_cache_on_a_block_causal_model_equals_exact(name, kw, batch):
+    none, exact, prefix = decode_pair(block_model(4), name, kw, [("none", {}), ("exact", {}), ("prefix", {})], batch)
+    assert torch.equal(prefix.tokens, exact.tokens) and torch.equal(prefix.tokens, none.tokens)
+    assert torch.equal(prefix.step_map, none.step_map)
+    torch.testing.assert_close(prefix.logprobs, none.logprobs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, kw", DECODERS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_delayed_cache_with_refresh_every_call_equals_no_cache(name, kw, batch):
+    none, delayed = decode_pair(tiny_model(), name, kw, [("none", {}), ("delayed", {"refresh_every": 1})], batch)
+    assert torch.equal(delayed.tokens, none.tokens)
+    assert torch.equal(delayed.step_map, none.step_map)
+    torch.testing.assert_close(delayed.logprobs, none.logprobs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual", "delayed"])
+def test_one_step_per_block_makes_every_call_a_refresh(cache):
+    """Prefix and dual caches refresh at each block's first call, delayed at its first call."""
+    settings = {"steps": 4} if cache != "delayed" else {"steps": 4, "refresh_every": 1}
+    prompt, pad = ragged(3)
+    outs = [
+        build_decoder("confidence", gen_length=16, block_length=4, eos_token_id=None, cache=c, **settings)(
+            tiny_model(), prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0)
+        )
+        for c in ("none", cache)
+    ]
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+
+
+@pytest.mark.parametrize("cache, extra", [("prefix", {}), ("dual", {}), ("delayed", {"refresh_every": 3})])
+def test_approximate_caches_decode_each_row_of_a_ragged_batch_as_alone(cache, extra):
+    model = tiny_model()
+    prompt, pad = ragged(3)
+    settings = dict(gen_length=16, steps=16, block_length=4, eos_token_id=None, temperature=0.0, cache=cache, **extra)
+    batched = build_decoder("confidence", **settings)(model, prompt, attention_mask=pad)
+    for row in range(3):
+        real = pad[row].bool()
+        alone = build_decoder("confidence", **settings)(model, prompt[row : row + 1, real])
+        assert torch.equal(batched.generated[row], alone.generated[0]), f"row {row}"
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual", "delayed"])
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal):
+    from dlm.decode.caches import make_runner
+
+    model = block_model(4) if block_causal else tiny_model()
+    prompt, pad = ragged(3)
+    x = torch.cat([prompt, torch.full((3, 12), 63)], dim=1)
+    x[:, 8:10] = torch.randint(0, 63, (3, 2))  # some decoded tokens in the block [8, 12)
+    canvas_pad = torch.cat([pad, torch.ones(3, 12, dtype=torch.long)], dim=1)
+    full = make_runner("none", model, 3, 18, 63, 8, True)(x, canvas_pad, 8, 12, True)
+    runner = make_runner(cache, model, 3, 18, 63, 8, True)
+    first = runner(x, canvas_pad, 8, 12, True)
+    again = runner(x, canvas_pad, 8, 12, False)  # fed from the cache
+    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+    masked = x[:, 8:12] == 63
+    torch.testing.assert_close(again[masked], full[masked], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cache, fed",
+    [
+        ("prefix", [24, 16, 16, 16, 24, 12, 12, 12, 24, 8, 8, 8, 24, 4, 4, 4]),
+        ("dual", [24, 4, 4, 4] * 4),
+    ],
+)
+def test_prefix_and_dual_caches_feed_what_they_promise(cache, fed):
+    model = Counting(tiny_model())
+    dec = build_decoder("confidence", gen_length=16, steps=16, block_length=4, eos_token_id=None, cache=cache)
+    dec(model, torch.randint(0, 63, (1, 8)))
+    assert model.fed == fed
+
+
+@pytest.mark.parametrize("refresh_every, refreshes", [(5, {0, 4, 8, 12}), (2, {0, 2, 4, 6, 8, 10, 12, 14})])
+def test_delayed_cache_feeds_masked_tokens_and_each_decoded_token_once_more(refresh_every, refreshes):
+    model = Counting(tiny_model())
+    dec = build_decoder(
+        "confidence",
+        gen_length=16,
+        steps=16,
+        block_length=4,
+        eos_token_id=None,
+        cache="delayed",
+        refresh_every=refresh_every,
+    )
+    dec(model, torch.randint(0, 63, (1, 8)))
+    # full forwards (24 columns) at block starts and every r calls; any other call i (one token
+    # decoded per step) feeds the 16 - i masked columns + the one decoded at call i - 1
+    assert model.fed == [24 if i in refreshes else 16 - i + 1 for i in range(16)]

@@ -29,6 +29,9 @@ def trained(tmp_path_factory):
         ["--decoder", "first_hitting", "--tokens-per-call", "2"],
         ["--decoder", "confidence", "--block-length", "4", "--threshold", "0.5"],
         ["--decoder", "confidence", "--factor", "1.0", "--remasking", "margin", "--temperature", "0"],
+        ["--decoder", "confidence", "--block-length", "4", "--cache", "dual"],
+        ["--decoder", "confidence", "--block-length", "4", "--cache", "prefix", "--threshold", "0.5"],
+        ["--decoder", "ancestral", "--cache", "delayed", "--refresh-every", "2"],
     ],
 )
 def test_generate_with_each_decoder(trained, capsys, extra):

@@ -31,6 +31,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S]
+        self.filled = 0  # slots [filled, S) were never written: attention reads only [0, filled)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> KVCache:
@@ -58,17 +59,20 @@ class KVCache:
 
     def mark_valid(self, slots_BT: Tensor) -> None:
         self.valid.scatter_(1, slots_BT, True)
+        if slots_BT.numel():
+            self.filled = max(self.filled, int(slots_BT.max()) + 1)
 
     def invalidate(self, slots_BT: Tensor | None = None) -> None:
         """Forget slots (all of them when ``slots_BT`` is None)."""
         if slots_BT is None:
             self.valid.zero_()
+            self.filled = 0
         else:
             self.valid.scatter_(1, slots_BT, False)
 
     def update(self, layer: int, k_BHTD: Tensor, v_BHTD: Tensor, slots_BT: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this layer's fresh K/V at ``slots`` and return the full ``[B, H, S, D]`` buffers."""
+        """Write this layer's fresh K/V at ``slots``; return the buffers ``[B, H, filled, D]``."""
         index = slots_BT[:, None, :, None].expand_as(k_BHTD)
         self.keys[layer].scatter_(2, index, k_BHTD.to(self.keys[layer].dtype))
         self.values[layer].scatter_(2, index, v_BHTD.to(self.values[layer].dtype))
-        return self.keys[layer], self.values[layer]
+        return self.keys[layer][:, :, : self.filled], self.values[layer][:, :, : self.filled]

@@ -263,14 +263,15 @@ class DLMModel(DLMPreTrainedModel):
                 cache_slots = torch.arange(seq_len, device=device).expand(batch_size, -1)
             cache.check_slots(cache_slots)
             cache.mark_valid(cache_slots)
-            q_idx, kv_idx = cache_slots, torch.arange(cache.max_len, device=device)
-            key_valid = cache.valid
+            filled = cache.filled  # keys are read from slots [0, filled) only
+            q_idx, kv_idx = cache_slots, torch.arange(filled, device=device)
+            key_valid = cache.valid[:, :filled]
             if padding is not None:
                 if padding.shape[1] != cache.max_len:
                     raise ValueError(
                         f"with a cache, the padding mask covers the whole canvas ({cache.max_len} columns)"
                     )
-                key_valid = key_valid & padding
+                key_valid = key_valid & padding[:, :filled]
                 positions = (padding.long().cumsum(-1) - 1).clamp(min=0).gather(1, cache_slots)
             else:
                 positions = cache_slots
@@ -286,6 +287,8 @@ class DLMModel(DLMPreTrainedModel):
         if key_valid is not None:
             kv_mask = key_valid[:, None, None, :]
             mask = kv_mask if mask is None else mask & kv_mask
+        if cache is not None and bool(mask.all()):
+            return AttentionSpec(None, False, cache_slots), positions  # e.g. a block over its full prefix
         # A query that sees no key (a padding row under a causal mask) would give NaN: let it see all.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
         return AttentionSpec(mask, False, cache_slots), positions

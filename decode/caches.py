@@ -1,0 +1,191 @@
+"""KV-cache policies for decoding, one interface (SPEC §4).
+
+A policy turns "logits of block ``[start, end)`` of canvas ``x``" into model calls that feed
+only some canvas columns; the rest of the attention reads K/V kept in a position-indexed
+:class:`~dlm.model.cache.KVCache` (slot = canvas column, so RoPE positions are always the true
+ones, whatever order tokens are fed in).
+
+* ``none`` — every call feeds the whole canvas.
+* ``exact`` — block-causal (BD3-LM) models: finished blocks never change and no earlier block
+  attends to a later one, so their clean K/V are final. Each call feeds ``[committed, end)``;
+  the output equals no cache exactly.
+* ``prefix`` — Fast-dLLM prefix cache: the first call of a block is a full forward that caches
+  every column; later calls in the block feed ``[start, T)`` (the block and everything after
+  it) and read the prefix ``[0, start)`` from the cache. On a block-causal model this is exact.
+* ``dual`` — Fast-dLLM dual cache: like ``prefix`` but later calls feed only the block
+  ``[start, end)``; the suffix K/V are the ones computed at the block's first call.
+* ``delayed`` — dKV-Cache-Decode: a column's K/V are reused once they were computed from its
+  decoded token, i.e. one call after it is decoded (a just-decoded token is fed once more with
+  its real identity); masked columns are fed at every call; a full forward recomputes everything
+  at each block start and every ``refresh_every`` calls. ``refresh_every = 1`` is no cache.
+
+``prefix``, ``dual`` and ``delayed`` approximate a bidirectional model (cached K/V were computed
+against an older canvas); the decode benchmark reports the quality they keep.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dlm.model.cache import KVCache
+
+CACHES = ("none", "exact", "prefix", "dual", "delayed")
+
+
+def supported_caches(model: nn.Module) -> list[str]:
+    """The caches a model can decode with."""
+    if not getattr(model, "supports_kv_cache", False):
+        return ["none"]
+    mode = getattr(getattr(model, "config", None), "attention_mode", "bidirectional")
+    if mode == "block_causal":
+        return ["none", "exact", "prefix", "dual", "delayed"]
+    if mode == "causal":
+        return ["none"]  # a causal model is decoded autoregressively, not by these decoders
+    return ["none", "prefix", "dual", "delayed"]
+
+
+def check_cache(model: nn.Module, cache: str) -> None:
+    ok = supported_caches(model)
+    if cache in ok:
+        return
+    mode = getattr(getattr(model, "config", None), "attention_mode", "bidirectional")
+    if not getattr(model, "supports_kv_cache", False):
+        why = "a model that takes a KVCache (a dlm model)"
+    elif cache == "exact":
+        why = f"a block-causal (BD3-LM) model; this model is {mode}"
+    else:
+        why = f"a bidirectional or block-causal model; this model is {mode}"
+    raise ValueError(f"cache={cache!r} needs {why}. Caches it supports: {', '.join(ok)}")
+
+
+def _logits(out) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def scatter_rows(rows_NV: Tensor, where_BT: Tensor) -> Tensor:
+    """Block logits ``[B, Tb, V]`` holding ``rows`` at ``where`` and zeros elsewhere."""
+    out = rows_NV.new_zeros(*where_BT.shape, rows_NV.shape[-1])
+    out[where_BT] = rows_NV
+    return out
+
+
+class Runner:
+    """Computes block logits ``[B, end - start, V]`` for a canvas, feeding what the policy says.
+
+    dlm models (``block_only``) compute the LM head only at the block's masked columns, the only
+    ones a policy reads; the other rows of the returned block are zeros.
+    """
+
+    def __init__(self, model: nn.Module, block_only: bool, mask_id: int):
+        self.model, self.block_only, self.mask_id = model, block_only, mask_id
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, x: Tensor, pad: Tensor | None, start: int, end: int, new_block: bool) -> Tensor:
+        return self.full(x, pad, start, end)
+
+    def full(self, x: Tensor, pad: Tensor | None, start: int, end: int, cache: KVCache | None = None) -> Tensor:
+        """A forward over the whole canvas (writing every column to ``cache`` when given)."""
+        if not self.block_only:
+            if pad is None:
+                return _logits(self.model(input_ids=x))[:, start:end]
+            return _logits(self.model(input_ids=x, attention_mask=pad))[:, start:end]
+        return self.fed(x, pad, cache, 0, x.shape[1], start, end)
+
+    def fed(
+        self, x: Tensor, pad: Tensor | None, cache: KVCache | None, lo: int, hi: int, start: int, end: int
+    ) -> Tensor:
+        """Feed the contiguous columns ``[lo, hi)`` (``lo <= start``, ``end <= hi``), over ``cache`` if given."""
+        B = x.shape[0]
+        wanted = x[:, start:end] == self.mask_id  # policies read logits of masked columns only
+        keep = torch.zeros(B, hi - lo, dtype=torch.bool, device=x.device)
+        keep[:, start - lo : end - lo] = wanted
+        kw = {}
+        if cache is not None:
+            kw = {"cache": cache, "cache_slots": torch.arange(lo, hi, device=x.device).expand(B, -1)}
+        out = _logits(self.model(input_ids=x[:, lo:hi], attention_mask=pad, output_mask=keep, **kw))
+        return scatter_rows(out, wanted)
+
+
+class ExactRunner(Runner):
+    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int):
+        super().__init__(model, True, mask_id)
+        self.cache = cache
+        self.committed = 0  # columns [0, committed) are final and their clean K/V are cached
+
+    def __call__(self, x, pad, start, end, new_block):
+        lo = min(self.committed, start)
+        logits = self.fed(x, pad, self.cache, lo, end, start, end)
+        self.committed = start
+        return logits
+
+
+class PrefixRunner(Runner):
+    """Prefix (``dual=False``) and dual (``dual=True``) caches."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int, dual: bool):
+        super().__init__(model, True, mask_id)
+        self.cache, self.dual = cache, dual
+
+    def __call__(self, x, pad, start, end, new_block):
+        if new_block:
+            return self.full(x, pad, start, end, self.cache)
+        return self.fed(x, pad, self.cache, start, end if self.dual else x.shape[1], start, end)
+
+
+class DelayedRunner(Runner):
+    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int, refresh_every: int):
+        super().__init__(model, True, mask_id)
+        self.cache, self.refresh_every = cache, refresh_every
+        self.seen: Tensor | None = None  # [B, T] token whose K/V each slot holds (-1: none)
+        self.since_refresh = 0  # model calls since the last full forward
+
+    def __call__(self, x, pad, start, end, new_block):
+        B, T = x.shape
+        if self.seen is None:
+            self.seen = torch.full_like(x, -1)
+        stale = (x != self.seen) | (x == self.mask_id)
+        if pad is not None:
+            stale &= pad.bool()  # padding is never attended to: nothing to recompute
+        refresh = new_block or self.since_refresh >= self.refresh_every
+        self.since_refresh = 1 if refresh else self.since_refresh + 1
+        if refresh:
+            logits = self.full(x, pad, start, end, self.cache)
+            self.seen.copy_(x)
+            return logits
+        # feed each row's stale columns (sorted; short rows repeat their last column, which
+        # rewrites the same K/V) — the current block's masked columns are always among them
+        count = stale.sum(dim=1)
+        n = int(count.max())
+        order = torch.where(stale, torch.arange(T, device=x.device), T).sort(dim=1).values[:, :n]
+        last = order.gather(1, (count - 1).clamp(min=0)[:, None])
+        slots = torch.where(order < T, order, last)
+        slots = torch.where(count[:, None] > 0, slots, torch.full_like(slots, start))
+        tokens = x.gather(1, slots)
+        first = torch.ones_like(slots, dtype=torch.bool)
+        first[:, 1:] = slots[:, 1:] != slots[:, :-1]  # score each column once
+        keep = (slots >= start) & (slots < end) & (tokens == self.mask_id) & first
+        out = _logits(
+            self.model(input_ids=tokens, attention_mask=pad, cache=self.cache, cache_slots=slots, output_mask=keep)
+        )
+        # keep lists each row's masked block columns in increasing order, as the block's mask does
+        logits = scatter_rows(out, x[:, start:end] == self.mask_id)
+        self.seen.scatter_(1, slots, tokens)
+        return logits
+
+
+def make_runner(
+    name: str, model: nn.Module, batch: int, length: int, mask_id: int, refresh_every: int, block_only: bool
+) -> Runner:
+    if name == "none":
+        return Runner(model, block_only, mask_id)
+    cache = KVCache.for_model(model, batch, length)
+    if name == "exact":
+        return ExactRunner(model, cache, mask_id)
+    if name in ("prefix", "dual"):
+        return PrefixRunner(model, cache, mask_id, dual=name == "dual")
+    if name == "delayed":
+        return DelayedRunner(model, cache, mask_id, refresh_every)
+    raise ValueError(f"cache={name!r}; choose one of {', '.join(CACHES)}")

@@ -1,0 +1,102 @@
+"""`dlm bench decode` (decoders × caches × lengths × batch sizes) and the generated tasks it scores."""
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from conftest import tiny_recipe
+from dlm.cli import main as cli_main
+from dlm.data import DataConfig, build_data
+from dlm.tasks import generate, score
+from dlm.tokenizer import TokenizerConfig
+
+TINY = ["--hidden-size", "32", "--layers", "1", "--heads", "2", "--vocab-size", "64", "--prompt-length", "4"]
+
+
+def test_bench_decode_grid_writes_every_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "decode", *TINY, "--gen-lengths", "8,16", "--batch-sizes", "1,2", "--block-length", "8"]
+    assert cli_main([*argv, "--decoders", "confidence,threshold", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    # every cache a bidirectional model supports, by default
+    assert {r["cache"] for r in rows} == {"none", "prefix", "dual", "delayed"}
+    assert len(rows) == 2 * 2 * 2 * 4  # lengths x batches x decoders x caches
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * r["gen_length"] / r["wall_s"])
+        assert 0 <= r["model_s"] <= r["wall_s"] and r["peak_memory_mb"] >= 0
+        if r["cache"] == "none":
+            assert r["speedup_vs_no_cache"] == pytest.approx(1.0)
+        if r["decoder"] == "confidence":
+            assert r["nfe"] == r["gen_length"]  # one token per step
+    combined = [r for r in rows if r["combined_vs_confidence_no_cache"] is not None]
+    assert {r["decoder"] for r in combined} == {"threshold"}
+    assert "combined: threshold 0.9 + dual" in capsys.readouterr().out
+
+
+def test_bench_decode_on_a_block_causal_model_includes_the_exact_cache(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "decode", *TINY, "--gen-lengths", "16", "--block-length", "8", "--model-block", "8"]
+    assert cli_main([*argv, "--decoders", "first_hitting", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["cache"] for r in rows] == ["none", "exact", "prefix", "dual", "delayed"]
+    assert all(r["nfe"] == 16 and r["expected_nfe"] == 16 for r in rows)
+
+
+def test_bench_decode_rejects_a_cache_the_model_cannot_use(capsys):
+    with pytest.raises(SystemExit, match="cache 'exact' is not supported by this model; it supports none, prefix"):
+        cli_main(["bench", "decode", *TINY, "--gen-lengths", "8", "--block-length", "8", "--caches", "exact"])
+
+
+def test_bench_decode_scores_a_task_on_a_checkpoint(tmp_path):
+    cfg = tiny_recipe(
+        tmp_path,
+        objective="sft",
+        data={
+            "dataset": "task:repeat",
+            "format": "chat",
+            "task_args": {"period": 4, "repeats": 2},
+            "max_documents": 64,
+            "seq_len": 16,
+            "val_fraction": 0.1,
+        },
+        sample={"num_samples": 0},
+        train={"max_steps": 2, "save_every": 2, "eval_every": 2},
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert cli_main(["train", str(recipe)]) == 0
+    out = tmp_path / "bench.json"
+    argv = ["bench", "decode", "--checkpoint", cfg.train.output_dir, "--task", "repeat", "--gen-lengths", "8"]
+    argv += ["--block-length", "8", "--decoders", "confidence", "--caches", "none,dual", "--json", str(out)]
+    assert cli_main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["cache"] for r in rows] == ["none", "dual"] and all(0 <= r["score"] <= 1 for r in rows)
+
+
+def test_repeat_task_is_deterministic_and_scored_by_position():
+    a, b = generate("repeat", 3, seed=0, period=4, repeats=3), generate("repeat", 3, seed=0, period=4, repeats=3)
+    assert a == b and generate("repeat", 3, seed=1, period=4, repeats=3) != a
+    ex = a[0]
+    assert ex["response"].split() == ex["prompt"].split() * 3
+    assert score("repeat", ex, ex["response"]) == 1.0
+    assert score("repeat", ex, ex["response"] + " extra words") == 1.0  # only the answer's length is scored
+    half = ex["response"].split()[:6]
+    assert score("repeat", ex, " ".join(half)) == 0.5
+
+
+def test_task_errors_list_what_exists():
+    with pytest.raises(ValueError, match="unknown task 'repeet'; known tasks: repeat. Did you mean 'repeat'"):
+        generate("repeet", 2)
+    with pytest.raises(ValueError, match="task 'repeat' has no argument.*length; its arguments: period, repeats"):
+        generate("repeat", 2, length=3)
+
+
+def test_generated_task_trains_as_chat_rows():
+    cfg = DataConfig(
+        dataset="task:repeat", format="chat", task_args={"period": 4, "repeats": 2}, max_documents=40, seq_len=24
+    )
+    bundle = build_data(cfg, TokenizerConfig(vocab_size=300), seed=0)
+    rows = bundle.val
+    assert rows["input_ids"].shape[1] == 24 and rows["loss_mask"].sum() > 0
