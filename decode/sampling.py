@@ -44,7 +44,7 @@ def inverse_cdf(weights_NV: Tensor, u_N: Tensor) -> tuple[Tensor, Tensor]:
     N, V = weights_NV.shape
     pad = (-V) % CHUNK
     w = (torch.nn.functional.pad(weights_NV, (0, pad)) if pad else weights_NV).view(N, -1, CHUNK)  # [N, K, C]
-    chunk = w.double().sum(dim=-1)  # [N, K]
+    chunk = w.sum(dim=-1, dtype=torch.float64)  # [N, K], accumulated in float64 without a float64 copy
     ccdf = chunk.cumsum(dim=-1)
     target = u_N[:, None] * ccdf[:, -1:]  # [N, 1]
     k = torch.searchsorted(ccdf, target, right=True).clamp(max=ccdf.shape[1] - 1)  # [N, 1]
@@ -73,9 +73,10 @@ def sample_categorical(
     at temperature 0 the token is the argmax and the log-prob is under temperature 1.
     """
     if temperature <= 0:
-        tokens = logits_NV.argmax(dim=-1)
-        logp = torch.log_softmax(logits_NV.double(), dim=-1)  # exact log-prob of the argmax, for RL
-        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+        best = logits_NV.max(dim=-1)
+        shifted = logits_NV.float() - best.values[:, None].float()
+        total = shifted.exp().sum(dim=-1, dtype=torch.float64)  # >= 1: the argmax contributes exp(0)
+        return best.indices, -total.log()  # log-prob of the argmax under temperature 1, for RL
     logits = logits_NV.float() if logits_NV.dtype in (torch.float16, torch.bfloat16) else logits_NV
     if temperature != 1.0:
         logits = logits / temperature
