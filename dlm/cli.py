@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--caches", default=None, help="comma list (default: every cache the model supports)")
     b.add_argument("--refresh-every", type=int, default=8, help="delayed cache refresh interval")
     b.add_argument("--task", default=None, help="score generations on a generated task (dlm.tasks), e.g. repeat")
+    b.add_argument("--task-args", default=None, help="task arguments, e.g. repeats=64 (an answer of 64 x 16 tokens)")
     b.add_argument(
         "--model-block",
         type=int,

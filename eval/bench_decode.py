@@ -153,11 +153,24 @@ def load_model(args) -> tuple[nn.Module, object | None, str]:
     return model, None, f"random weights, shape {args.shape or 'custom'}"
 
 
+def parse_task_args(text: str | None) -> dict:
+    """``"repeats=64,period=16"`` -> ``{"repeats": 64, "period": 16}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"dlm bench decode: --task-args item {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def task_prompts(args, tok, batch: int, gen_length: int):
     """Left-padded prompts of held-out task examples (seed 1; training uses seed 0) and the examples."""
     from dlm.tasks import generate
 
-    examples = generate(args.task, batch, seed=1)
+    examples = generate(args.task, batch, seed=1, **parse_task_args(args.task_args))
     tok.padding_side = "left"
     enc = tok([e["prompt"] for e in examples], add_special_tokens=False, padding=True, return_tensors="pt")
     return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device), examples

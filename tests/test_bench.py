@@ -69,6 +69,7 @@ def test_bench_decode_scores_a_task_on_a_checkpoint(tmp_path):
     assert cli_main(["train", str(recipe)]) == 0
     out = tmp_path / "bench.json"
     argv = ["bench", "decode", "--checkpoint", cfg.train.output_dir, "--task", "repeat", "--gen-lengths", "8"]
+    argv += ["--task-args", "period=4,repeats=2"]
     argv += ["--block-length", "8", "--decoders", "confidence", "--caches", "none,dual", "--json", str(out)]
     assert cli_main(argv) == 0
     rows = json.loads(out.read_text())["results"]
