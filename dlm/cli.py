@@ -2,6 +2,7 @@
 
 dlm train RECIPE.yaml [key=value ...]        train (one process; use accelerate launch for more)
 dlm generate CHECKPOINT --prompt TEXT ...    sample from a trained model
+dlm eval CHECKPOINT --tasks ...              lm-eval-harness tasks, scores + decoding throughput
 dlm bench train [--hidden-size ...]          training step time, MDLM vs AR on one backbone
 dlm bench decode [--checkpoint PATH] ...     decoding throughput: decoders x caches x lengths x batch
 """
@@ -143,6 +144,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        from dlm.eval.run import main as eval_main
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("lm_eval"):
+            from dlm.config import ConfigError
+
+            raise ConfigError('dlm eval needs lm-eval: pip install "dlm[eval]" (or pip install lm-eval)') from None
+        raise
+    return eval_main(args)
+
+
 def _bench_train(args: argparse.Namespace) -> int:
     from dlm.eval.bench_train import main as bench_main
 
@@ -205,6 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="lm-eval-harness tasks on a checkpoint (scores + decoding throughput)")
+    p.add_argument("checkpoint", help="model directory, or a training output_dir")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma list: dlm_repeat, dlm_repeat_mc, dlm_arithmetic, dlm_stdlib_ppl (offline) or any lm-eval task",
+    )
+    p.add_argument("--include-path", action="append", help="directory of extra task YAMLs (repeatable)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--log-samples", action="store_true", help="keep every sample in --output")
+    p.add_argument("--output", help="write scores, throughput and settings here as JSON")
+    p.add_argument("--decoder", default=None, choices=["ancestral", "first_hitting", "confidence"])
+    p.add_argument("--gen-length", type=int, default=None, help="generation length when a task sets none")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--block-length", type=int, default=None)
+    p.add_argument("--cache", default=None, choices=["none", "exact", "prefix", "dual", "delayed"])
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--factor", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--refresh-every", type=int, default=None)
+    p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo samples per loglikelihood (default 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default 8)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)

@@ -1,0 +1,104 @@
+"""``dlm eval CHECKPOINT --tasks ...``: lm-eval-harness on a dlm model, with decoding throughput.
+
+dlm's offline tasks (:mod:`dlm.eval.tasks`) are always available; ``--include-path`` adds
+directories of your own task YAMLs; stock hub tasks (gsm8k, hellaswag, ...) work where the
+network is. Scores, the throughput of ``generate_until`` (generated tokens / decoding time)
+and the settings go to the terminal and, with ``--output``, to a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+MODEL_OPTIONS = (  # CLI option -> model_args key (None values are left out)
+    "decoder",
+    "gen_length",
+    "steps",
+    "block_length",
+    "cache",
+    "threshold",
+    "factor",
+    "temperature",
+    "refresh_every",
+    "mc_num",
+    "batch_size",
+    "device",
+    "dtype",
+    "seed",
+)
+
+
+def task_dir() -> Path:
+    return Path(os.environ.get("DLM_CACHE", "~/.cache/dlm")).expanduser() / "lm_eval_tasks"
+
+
+def main(args) -> int:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    from dlm.config import ConfigError
+    from dlm.eval.harness import DLMEvalModel
+    from dlm.eval.tasks import materialize
+
+    kwargs = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
+    if args.threshold is not None and args.factor is not None:
+        raise ConfigError("give --threshold or --factor, not both")
+    if args.threshold is not None or args.factor is not None:
+        kwargs["rule"] = "threshold" if args.threshold is not None else "factor"
+    try:
+        lm = DLMEvalModel(pretrained=args.checkpoint, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    include = [str(materialize(task_dir()))] + [str(Path(p).expanduser().resolve()) for p in args.include_path or []]
+    manager = TaskManager(include_path=include)
+    tasks = [t for t in args.tasks.split(",") if t]
+    t0 = time.perf_counter()
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        apply_chat_template=args.apply_chat_template,
+        log_samples=args.log_samples,
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        torch_random_seed=args.seed,
+    )
+    wall = time.perf_counter() - t0
+    if out is None:  # a non-zero rank under several processes
+        return 0
+    throughput = {
+        "generated_tokens": lm.generated_tokens,
+        "generation_seconds": lm.generation_seconds,
+        "generated_tokens_per_s": lm.generated_tokens / lm.generation_seconds if lm.generation_seconds else None,
+        "wall_seconds": wall,
+    }
+    print(make_table(out))
+    rate = throughput["generated_tokens_per_s"]
+    print(
+        f"dlm eval | {lm.generated_tokens} generated tokens in {lm.generation_seconds:.1f} s of decoding"
+        + (f" ({rate:.1f} tokens/s)" if rate else "")
+        + f" | wall {wall:.1f} s | decoder {lm.decoder} {lm.decoder_settings}"
+    )
+    if args.output:
+        path = Path(args.output).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "results": out["results"],
+            "versions": out.get("versions"),
+            "n-shot": out.get("n-shot"),
+            "config": {"checkpoint": args.checkpoint, "model_args": kwargs, "tasks": tasks, "limit": args.limit},
+            "throughput": throughput,
+        }
+        if args.log_samples:
+            record["samples"] = out.get("samples")
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        tmp.replace(path)
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,190 @@
+"""Evaluation (SPEC §5): ELBO estimators against exact enumeration, rolling windows, the lm-eval
+model ``dlm`` end to end on local tasks, and its input errors."""
+
+import dataclasses
+import logging
+import math
+
+import pytest
+import yaml
+
+from conftest import tiny_model, tiny_recipe
+from dlm.cli import main as cli_main
+from dlm.eval.likelihood import Request, elbo, enumerate_elbo
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from dlm.eval.harness import DLMEvalModel, rolling_windows  # noqa: E402
+from dlm.eval.tasks import materialize  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = tiny_recipe(tmp, sample={"num_samples": 0}, train={"max_steps": 3, "save_every": 3, "eval_every": 3})
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert cli_main(["train", str(recipe)]) == 0
+    return cfg.train.output_dir
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return materialize(tmp_path_factory.mktemp("tasks"), count=12, repeat_period=4, repeat_count=2)
+
+
+def test_mc_elbo_converges_to_enumeration_and_stratification_lowers_variance():
+    model = tiny_model(seed=3)
+    req = Request(context=[5, 9, 11], target=[7, 20, 33, 2])
+    exact = enumerate_elbo(model, req, mask_id=63)
+    stds = {}
+    for estimator in ("exact_count", "one_over_t"):
+        [(value, se)] = elbo(model, [req], 63, mc_num=4096, batch_size=512, estimator=estimator)
+        assert abs(value - exact) < 4 * se, (estimator, value, exact, se)
+        stds[estimator] = se * math.sqrt(4096)
+    assert stds["exact_count"] < stds["one_over_t"]
+
+
+def test_elbo_batches_requests_of_different_lengths_like_one_at_a_time():
+    model = tiny_model(seed=1)
+    reqs = [Request([1, 2, 3, 4, 5], [6, 7]), Request([8], [9, 10, 11, 12]), Request([], [13, 14])]
+    together = elbo(model, reqs, 63, mc_num=64, batch_size=7, seed=5)
+    alone = [elbo(model, [r], 63, mc_num=64, batch_size=64, seed=5)[0] for r in reversed(reqs)][::-1]
+    for (a, _), (b, _) in zip(together, alone):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_rolling_windows_score_every_token_once_within_the_window():
+    tokens = list(range(100, 123))
+    windows = rolling_windows(tokens, prefix=0, max_length=8)
+    assert [t for _, target in windows for t in target] == tokens
+    assert windows[0][0] == [0]
+    for context, target in windows:
+        assert len(context) + len(target) <= 8 and context
+        if context != [0]:
+            start = tokens.index(target[0])
+            assert context == ([0] + tokens)[start + 1 - len(context) : start + 1]  # the tokens right before
+
+
+def test_loglikelihood_rolling_equals_the_windowed_elbo(trained, caplog):
+    lm = DLMEvalModel(pretrained=trained, mc_num=2048, batch_size=256, max_length=6)
+    text = "the model masks tokens"
+    ids = lm.tok_encode(text)
+    exact = sum(
+        enumerate_elbo(lm.model, Request(c, t), lm.mask_id) for c, t in rolling_windows(ids, lm.eot_token_id, 6)
+    )
+
+    class Req:
+        args = (text,)
+
+    with caplog.at_level(logging.WARNING):
+        [value] = lm.loglikelihood_rolling([Req()])
+    assert "lower bound on the log-likelihood" in caplog.text
+    assert value == pytest.approx(exact, rel=0.05)
+
+
+def test_simple_evaluate_on_local_tasks(trained, tasks):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm = DLMEvalModel(pretrained=trained, mc_num=8, batch_size=4, block_length=8, gen_length=16)
+    out = simple_evaluate(
+        model=lm,
+        tasks=["dlm_repeat", "dlm_repeat_mc", "dlm_stdlib_ppl", "dlm_arithmetic"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        limit=3,
+        log_samples=True,
+    )
+    results = out["results"]
+    assert 0 <= results["dlm_repeat"]["letter_accuracy,none"] <= 1
+    assert 0 <= results["dlm_repeat_mc"]["acc,none"] <= 1
+    assert results["dlm_stdlib_ppl"]["word_perplexity,none"] > 1
+    assert 0 <= results["dlm_arithmetic"]["exact_match,number"] <= 1
+    arithmetic = out["samples"]["dlm_arithmetic"]
+    assert any(s["resps"][0][0] for s in arithmetic)
+    for sample in arithmetic:
+        assert "\n" not in sample["resps"][0][0] and " =" not in sample["resps"][0][0]  # cut at the stop sequences
+    assert lm.generated_tokens > 0
+
+
+def test_generate_until_cuts_at_stop_sequences(trained):
+    lm = DLMEvalModel(pretrained=trained, batch_size=2, block_length=8)
+    free = lm.generate_until([_Inst("the model", {"max_gen_toks": 16, "do_sample": False, "until": []})])[0]
+    assert len(free) > 6
+    stop = free[3:6]
+    cut = lm.generate_until([_Inst("the model", {"max_gen_toks": 16, "do_sample": False, "until": [stop]})])[0]
+    assert cut == free[: free.index(stop)]
+
+
+def test_dlm_eval_command_writes_scores_and_throughput(trained, tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("DLM_CACHE", str(tmp_path / "cache"))
+
+    out = tmp_path / "eval.json"
+    argv = ["eval", trained, "--tasks", "dlm_arithmetic", "--limit", "4", "--gen-length", "8", "--mc-num", "4"]
+    assert cli_main([*argv, "--block-length", "8", "--cache", "dual", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert "dlm_arithmetic" in data["results"] and data["throughput"]["generated_tokens"] > 0
+    printed = capsys.readouterr().out
+    assert "dlm_arithmetic" in printed and "tokens/s" in printed
+
+
+def test_bad_model_args_are_named(trained, tmp_path):
+    with pytest.raises(ValueError, match="unknown model_args mc_nun for the dlm model; valid keys: pretrained,"):
+        DLMEvalModel(pretrained=trained, mc_nun=4)
+    with pytest.raises(FileNotFoundError, match="no dlm model at"):
+        DLMEvalModel(pretrained=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="decoder='greedy'; choose one of ancestral, confidence, first_hitting"):
+        DLMEvalModel(pretrained=trained, decoder="greedy")
+    with pytest.raises(ValueError, match="needs pretrained=PATH"):
+        DLMEvalModel()
+
+
+def test_long_context_is_truncated_with_one_warning(trained, caplog):
+    lm = DLMEvalModel(pretrained=trained, mc_num=2, batch_size=4, max_length=12, greedy_check=False)
+    long = " ".join(["the model"] * 20)
+    with caplog.at_level(logging.WARNING):
+        out = lm.loglikelihood([_Inst(long, " masks"), _Inst(long, " tokens")])
+    assert len(out) == 2 and all(math.isfinite(v) for v, _ in out)
+    assert caplog.text.count("longer than the model's window") == 1
+
+
+class _Inst:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_matches_one_process(trained, tasks, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
+    script = str(tests / "dist_eval.py")
+    two, one = tmp_path / "two.json", tmp_path / "one.json"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    subprocess.run([*launch, script, trained, str(tasks), str(two)], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, script, trained, str(tasks), str(one)], check=True, env=env, timeout=600)
+    a, b = json.loads(two.read_text()), json.loads(one.read_text())
+    assert (a["world_size"], b["world_size"]) == (2, 1)  # the requests really were split over two ranks
+    a, b = a["results"], b["results"]
+    assert a.keys() == b.keys()
+    for task in b:
+        for metric, value in b[task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert a[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+
+
+def test_lm_eval_command_line_knows_the_dlm_model_and_local_tasks(trained, tmp_path, monkeypatch, capsys):
+    from dlm.eval.lm_eval_cli import main as lm_eval_main
+
+    monkeypatch.setenv("DLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("sys.argv", ["lm_eval"])
+    args = ["--model", "dlm", "--model_args", f"pretrained={trained},mc_num=2,batch_size=4", "--tasks"]
+    lm_eval_main([*args, "dlm_repeat_mc", "--limit", "2"])
+    assert "dlm_repeat_mc" in capsys.readouterr().out
