@@ -3,6 +3,7 @@
 dlm train RECIPE.yaml [key=value ...]        train (one process; use accelerate launch for more)
 dlm generate CHECKPOINT --prompt TEXT ...    sample from a trained model
 dlm eval CHECKPOINT --tasks ...              lm-eval-harness tasks, scores + decoding throughput
+dlm ppl CHECKPOINT --data ... | --judge ...  perplexity bound on data; generative ppl + entropy
 dlm bench train [--hidden-size ...]          training step time, MDLM vs AR on one backbone
 dlm bench decode [--checkpoint PATH] ...     decoding throughput: decoders x caches x lengths x batch
 """
@@ -156,6 +157,12 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _ppl(args: argparse.Namespace) -> int:
+    from dlm.eval.ppl import main as ppl_main
+
+    return ppl_main(args)
+
+
 def _bench_train(args: argparse.Namespace) -> int:
     from dlm.eval.bench_train import main as bench_main
 
@@ -247,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("ppl", help="perplexity (NELBO bound) on a dataset, or generative perplexity of samples")
+    p.add_argument("checkpoint", help="model directory, or a training output_dir")
+    p.add_argument("--data", default=None, help="stdlib, a local file or directory, or a hub dataset")
+    p.add_argument("--file-glob", default="**/*.py", help="files of a local directory (or of stdlib)")
+    p.add_argument("--max-documents", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per scored row")
+    p.add_argument("--max-rows", type=int, default=None, help="score at most this many rows")
+    p.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per row (diffusion models)")
+    p.add_argument(
+        "--judge", default=None, help="AR judge for generative perplexity (dlm AR checkpoint or HF causal LM)"
+    )
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--block-length", type=int, default=None)
+    p.add_argument("--decoder", default="first_hitting", choices=["ancestral", "first_hitting", "confidence"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--output", help="write the figures here as JSON")
+    p.set_defaults(func=_ppl)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)

@@ -6,6 +6,7 @@ import logging
 import math
 
 import pytest
+import torch
 import yaml
 
 from conftest import tiny_model, tiny_recipe
@@ -188,3 +189,52 @@ def test_lm_eval_command_line_knows_the_dlm_model_and_local_tasks(trained, tmp_p
     args = ["--model", "dlm", "--model_args", f"pretrained={trained},mc_num=2,batch_size=4", "--tasks"]
     lm_eval_main([*args, "dlm_repeat_mc", "--limit", "2"])
     assert "dlm_repeat_mc" in capsys.readouterr().out
+
+
+def test_unigram_entropy_and_causal_nll():
+    from dlm.eval.quality import causal_nll, unigram_entropy
+
+    assert unigram_entropy([[1, 2, 3, 4], [5, 5, 5, 5]]) == pytest.approx((math.log(4) + 0.0) / 2)
+    model = tiny_model(attention_mode="causal")
+    rows = [[3, 4, 5, 6, 7], [8, 9, 10]]
+    nll, n = causal_nll(model, rows, batch_size=2)
+    want = 0.0
+    for r in rows:
+        with torch.no_grad():
+            logits = model(torch.tensor([r]), attn_mode="causal").logits[0, :-1]
+        want -= float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r[1:])[:, None]).sum())
+    assert n == 6 and nll == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained_ar(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ar")
+    cfg = tiny_recipe(
+        tmp, objective="ar", sample={"num_samples": 0}, train={"max_steps": 3, "save_every": 3, "eval_every": 3}
+    )
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert cli_main(["train", str(recipe)]) == 0
+    return cfg.train.output_dir, cfg.data.dataset
+
+
+def test_dlm_ppl_on_data_and_generative_with_a_judge(trained, trained_ar, tmp_path, capsys):
+    import json
+
+    ar_dir, corpus = trained_ar
+    out = tmp_path / "ppl.json"
+    data = ["--data", corpus, "--file-glob", "*.txt", "--seq-len", "16", "--max-rows", "4", "--mc-num", "4"]
+    assert cli_main(["ppl", trained, *data, "--output", str(out)]) == 0
+    assert "NELBO perplexity bound (upper bound)" in capsys.readouterr().out
+    record = json.loads(out.read_text())["dataset"]
+    assert record["bound"] and record["perplexity"] > 1 and record["tokens"] == 64
+    assert cli_main(["ppl", ar_dir, *data]) == 0
+    assert "perplexity (exact, causal model)" in capsys.readouterr().out
+    gen = ["--judge", ar_dir, "--num-samples", "2", "--gen-length", "8", "--output", str(out)]
+    assert cli_main(["ppl", trained, *gen]) == 0
+    printed = capsys.readouterr().out
+    assert "generative perplexity under" in printed and "unigram entropy" in printed
+    g = json.loads(out.read_text())["generative"]
+    assert g["generative_perplexity"] > 1 and g["unigram_entropy"] >= 0
+    assert cli_main(["ppl", trained]) == 2
+    assert "give --data" in capsys.readouterr().err

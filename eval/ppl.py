@@ -1,0 +1,104 @@
+"""``dlm ppl``: perplexity on a dataset (NELBO bound for diffusion models) or generative
+perplexity + unigram entropy of samples under an AR judge. See :mod:`dlm.eval.quality`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _load(path: str, device: str, dtype):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    import dlm  # noqa: F401
+    from dlm.cli import resolve_checkpoint
+
+    try:
+        where = resolve_checkpoint(path)
+    except FileNotFoundError:
+        if Path(path).expanduser().exists() or path.count("/") != 1:
+            raise
+        where = path  # a hub id
+    tok = AutoTokenizer.from_pretrained(where)
+    config_type = (
+        json.loads((Path(where) / "config.json").read_text()).get("model_type") if Path(where).is_dir() else None
+    )
+    loader = AutoModel if config_type == "dlm" else AutoModelForCausalLM
+    return loader.from_pretrained(where, dtype=dtype).to(device).eval(), tok, str(where)
+
+
+def main(args) -> int:
+    import torch
+
+    from dlm.config import ConfigError
+    from dlm.data import DataConfig, load_documents, pack, tokenize_texts
+    from dlm.decode import build_decoder
+    from dlm.eval.quality import dataset_perplexity, generative_perplexity, is_causal, unigram_entropy
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tok, where = _load(args.checkpoint, args.device, dtype)
+    record: dict = {"checkpoint": where}
+    if args.judge is None and args.data is None:
+        raise ConfigError("give --data (perplexity on a dataset) or --judge (generative perplexity of samples)")
+    if args.data is not None:
+        cfg = DataConfig(dataset=args.data, file_glob=args.file_glob, max_documents=args.max_documents)
+        docs = load_documents(cfg)
+        texts = docs[cfg.text_field]
+        rows = pack(tokenize_texts(tok, texts, "tokenising"), args.seq_len, tok.eos_token_id)
+        if args.max_rows:
+            rows = rows[: args.max_rows]
+        if rows.shape[0] == 0:
+            raise ConfigError(f"--data {args.data} gives no rows of {args.seq_len} tokens; lower --seq-len")
+        mask_id = getattr(model.config, "mask_token_id", None)
+        result = dataset_perplexity(model, rows, mask_id, args.mc_num, args.batch_size, args.seed)
+        kind = "perplexity (exact, causal model)" if not result["bound"] else "NELBO perplexity bound (upper bound)"
+        print(
+            f"dlm ppl | {where} | {args.data}: {rows.shape[0]} rows x {args.seq_len} tokens | "
+            f"{kind}: {result['perplexity']:.3f}"
+            + (
+                f" (MC s.e. of nll/token {result['nll_per_token_stderr']:.4f}, mc_num {args.mc_num})"
+                if result["bound"]
+                else ""
+            )
+        )
+        record["dataset"] = {"data": args.data, "rows": rows.shape[0], "seq_len": args.seq_len, **result}
+    if args.judge is not None:
+        if is_causal(model):
+            raise ConfigError(f"{where} is an AR model; generative perplexity is for samples of a diffusion model")
+        judge, judge_tok, judge_where = _load(args.judge, args.device, dtype)
+        decoder = build_decoder(
+            args.decoder,
+            gen_length=args.gen_length,
+            **({"steps": args.steps or args.gen_length} if args.decoder != "first_hitting" else {}),
+            block_length=args.block_length,
+            temperature=args.temperature,
+        )
+        gen = torch.Generator().manual_seed(args.seed)
+        prompt = torch.full((args.num_samples, 1), tok.eos_token_id, dtype=torch.long, device=args.device)
+        out = decoder(model, prompt, generator=gen)
+        samples = []
+        for row in out.generated.tolist():
+            samples.append(row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
+        texts = tok.batch_decode(samples, skip_special_tokens=True)
+        gppl = generative_perplexity(judge, judge_tok, texts, args.batch_size)
+        entropy = unigram_entropy(samples)
+        print(
+            f"dlm ppl | {args.num_samples} samples of {args.gen_length} tokens ({args.decoder}, temperature "
+            f"{args.temperature}) | generative perplexity under {judge_where}: {gppl:.3f} | "
+            f"unigram entropy: {entropy:.3f} nats"
+        )
+        record["generative"] = {
+            "judge": judge_where,
+            "decoder": args.decoder,
+            "temperature": args.temperature,
+            "num_samples": args.num_samples,
+            "gen_length": args.gen_length,
+            "generative_perplexity": gppl,
+            "unigram_entropy": entropy,
+        }
+    if args.output:
+        path = Path(args.output).expanduser()
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)
+    return 0
