@@ -205,7 +205,7 @@ class DLMEvalModel(TemplateLM):
         bar = tqdm(total=len(reqs), desc="dlm loglikelihood", disable=disable_tqdm or self.rank != 0)
         scores = elbo(self.model, reqs, self.mask_id, self.mc_num, self.batch_size, self.estimator, self.seed, bar)
         bar.close()
-        greedy = [self._is_greedy(r) if self.greedy_check else False for r in reqs]
+        greedy = self._greedy_flags(reqs) if self.greedy_check else [False] * len(reqs)
         out = []
         for (cache_key, _, _), (value, _se), g in zip(requests, scores, greedy):
             out.append((value, g))
@@ -213,15 +213,28 @@ class DLMEvalModel(TemplateLM):
         return out
 
     @torch.no_grad()
-    def _is_greedy(self, req: Request) -> bool:
-        """Would greedy decoding (one token per step, highest confidence first) produce the continuation?"""
-        L = len(req.target)
-        if L == 0:
-            return True
-        decoder = build_decoder("confidence", gen_length=L, steps=L, temperature=0.0, eos_token_id=None)
-        prompt = torch.tensor([req.context or [self.eot_token_id]], device=self.device_name)
-        out = decoder(self.model, prompt)
-        return out.generated[0].tolist() == req.target
+    def _greedy_flags(self, reqs: list[Request]) -> list[bool]:
+        """Would greedy decoding (one token per step, most confident first) produce each continuation?
+        Requests with equal continuation lengths are decoded together, left-padded."""
+        flags = [True] * len(reqs)
+        by_length: dict[int, list[int]] = {}
+        for i, r in enumerate(reqs):
+            if r.target:
+                by_length.setdefault(len(r.target), []).append(i)
+        for L, indices in by_length.items():
+            decoder = build_decoder("confidence", gen_length=L, steps=L, temperature=0.0, eos_token_id=None)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                contexts = [reqs[i].context or [self.eot_token_id] for i in chunk]
+                width = max(len(c) for c in contexts)
+                ids = torch.full((len(chunk), width), self.eot_token_id, dtype=torch.long)
+                pad = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, c in enumerate(contexts):
+                    ids[row, width - len(c) :], pad[row, width - len(c) :] = torch.tensor(c), 1
+                out = decoder(self.model, ids.to(self.device_name), attention_mask=pad.to(self.device_name))
+                for row, i in enumerate(chunk):
+                    flags[i] = out.generated[row].tolist() == reqs[i].target
+        return flags
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         if not getattr(self, "_bound_logged", False):

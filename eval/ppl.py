@@ -43,6 +43,8 @@ def main(args) -> int:
     if args.data is not None:
         cfg = DataConfig(dataset=args.data, file_glob=args.file_glob, max_documents=args.max_documents)
         docs = load_documents(cfg)
+        if args.max_documents is not None:
+            docs = docs.shuffle(seed=args.seed).select(range(min(args.max_documents, len(docs))))
         texts = docs[cfg.text_field]
         rows = pack(tokenize_texts(tok, texts, "tokenising"), args.seq_len, tok.eos_token_id)
         if args.max_rows:

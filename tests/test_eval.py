@@ -238,3 +238,19 @@ def test_dlm_ppl_on_data_and_generative_with_a_judge(trained, trained_ar, tmp_pa
     assert g["generative_perplexity"] > 1 and g["unigram_entropy"] >= 0
     assert cli_main(["ppl", trained]) == 2
     assert "give --data" in capsys.readouterr().err
+
+
+def test_is_greedy_is_true_exactly_for_the_greedy_continuation(trained):
+    from dlm.decode import build_decoder
+
+    lm = DLMEvalModel(pretrained=trained, mc_num=2, batch_size=3)
+    context = lm.tok_encode("the model masks")
+    out = build_decoder("confidence", gen_length=3, steps=3, temperature=0.0, eos_token_id=None)(
+        lm.model, torch.tensor([context])
+    )
+    greedy = out.generated[0].tolist()
+    other = greedy[:2] + [(greedy[2] + 1) % lm.mask_id]
+    flags = lm._greedy_flags(
+        [Request(context, greedy), Request(context, other), Request([5] + context, greedy[:1]), Request(context, [])]
+    )
+    assert flags[:2] == [True, False] and flags[3] is True
