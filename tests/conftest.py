@@ -90,3 +90,20 @@ def tiny_recipe(tmp_path: Path, **sections) -> RecipeConfig:
 @pytest.fixture
 def model() -> DLMModel:
     return tiny_model()
+
+
+def train_tiny(tmp_path: Path, **sections) -> str:
+    """Train a tiny recipe through ``dlm train`` (3 steps unless told) and return its output_dir."""
+    import dataclasses
+
+    import yaml
+
+    from dlm.cli import main as cli_main
+
+    sections.setdefault("sample", {"num_samples": 0})
+    sections.setdefault("train", {"max_steps": 3, "save_every": 3, "eval_every": 3})
+    cfg = tiny_recipe(tmp_path, **sections)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert cli_main(["train", str(recipe)]) == 0
+    return cfg.train.output_dir

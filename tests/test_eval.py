@@ -1,15 +1,13 @@
 """Evaluation (SPEC §5): ELBO estimators against exact enumeration, rolling windows, the lm-eval
 model ``dlm`` end to end on local tasks, and its input errors."""
 
-import dataclasses
 import logging
 import math
 
 import pytest
 import torch
-import yaml
 
-from conftest import tiny_model, tiny_recipe
+from conftest import tiny_model, train_tiny
 from dlm.cli import main as cli_main
 from dlm.eval.likelihood import Request, elbo, enumerate_elbo
 
@@ -21,12 +19,7 @@ from dlm.eval.tasks import materialize  # noqa: E402
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval")
-    cfg = tiny_recipe(tmp, sample={"num_samples": 0}, train={"max_steps": 3, "save_every": 3, "eval_every": 3})
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    assert cli_main(["train", str(recipe)]) == 0
-    return cfg.train.output_dir
+    return train_tiny(tmp_path_factory.mktemp("eval"))
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +202,7 @@ def test_unigram_entropy_and_causal_nll():
 @pytest.fixture(scope="module")
 def trained_ar(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ar")
-    cfg = tiny_recipe(
-        tmp, objective="ar", sample={"num_samples": 0}, train={"max_steps": 3, "save_every": 3, "eval_every": 3}
-    )
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    assert cli_main(["train", str(recipe)]) == 0
-    return cfg.train.output_dir, cfg.data.dataset
+    return train_tiny(tmp, objective="ar"), str(tmp / "corpus")
 
 
 def test_dlm_ppl_on_data_and_generative_with_a_judge(trained, trained_ar, tmp_path, capsys):

@@ -1,12 +1,9 @@
 """`dlm generate`: decoders, stop strings, the unmasking replay, and option errors."""
 
-import dataclasses
-
 import pytest
 import torch
-import yaml
 
-from conftest import tiny_recipe
+from conftest import train_tiny
 from dlm.cli import main as cli_main
 from dlm.decode.show import MASKED, render_frames
 from dlm.decode.stopping import StopStrings, cut_at_stop
@@ -14,12 +11,7 @@ from dlm.decode.stopping import StopStrings, cut_at_stop
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gen")
-    cfg = tiny_recipe(tmp, sample={"num_samples": 0}, train={"max_steps": 3, "save_every": 3, "eval_every": 3})
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    assert cli_main(["train", str(recipe)]) == 0
-    return cfg.train.output_dir
+    return train_tiny(tmp_path_factory.mktemp("gen"))
 
 
 @pytest.mark.parametrize(
