@@ -1,0 +1,159 @@
+"""SPEC §6/§7 RL invariants: rows, log-probs, the clipped loss, advantages and rewards."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from dlm.decode import build_decoder
+from dlm.train.rl.estimators import Rollouts, build_rows, expected_rows, token_logprobs
+from dlm.train.rl.loss import group_advantages, policy_loss
+from dlm.train.rl.rewards import RewardError, combine, score
+
+MASK = 63
+
+
+def rollouts(name="confidence", batch=2, **kw):
+    model = tiny_model(seed=2)
+    prompt = torch.randint(0, 63, (batch, 5), generator=torch.Generator().manual_seed(1))
+    pad = torch.ones_like(prompt)
+    pad[1, :2] = 0  # ragged, left-padded
+    dec = build_decoder(name, gen_length=12, block_length=4, eos_token_id=None, temperature=1.0, **kw)
+    out = dec(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0))
+    full_pad = torch.cat([pad, torch.ones(batch, 12, dtype=torch.long)], dim=1)
+    return model, out, Rollouts(out.tokens, out.step_map, out.prompt_length, full_pad)
+
+
+@pytest.mark.parametrize(
+    "name, kw", [("confidence", {"steps": 12}), ("ancestral", {"steps": 6}), ("first_hitting", {})]
+)
+def test_exact_trajectory_rows_give_the_decode_time_log_probs(name, kw):
+    model, out, r = rollouts(name, **kw)
+    rows = build_rows("trajectory", r, MASK, shrink=1)
+    with torch.no_grad():
+        logp = token_logprobs(model, r, rows, MASK)
+    trainable = r.trainable
+    torch.testing.assert_close(logp[trainable].double(), out.logprobs[trainable], atol=1e-4, rtol=1e-4)
+    assert logp[trainable].sum().item() == pytest.approx(out.logprobs[trainable].sum().item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("shrink", [1, 2, 3, 5])
+def test_trajectory_rows_are_disjoint_cover_every_token_and_number_ceil_steps_over_s(shrink):
+    _, out, r = rollouts("confidence", steps=12)
+    rows = build_rows("trajectory", r, MASK, shrink=shrink)
+    for b in range(2):
+        mine = rows.targets[rows.owner == b]
+        assert torch.equal(mine.sum(0), r.trainable[b].long())  # every trainable token exactly once
+        steps = len(torch.unique(r.step_map[b][r.trainable[b]]))
+        assert mine.shape[0] == expected_rows(steps, shrink)
+        # each row's state masks exactly its targets and everything decoded later
+        for x, t in zip(rows.inputs[rows.owner == b], mine):
+            first = r.step_map[b][t].min()
+            assert torch.equal(x == MASK, (r.step_map[b] >= first) & (r.step_map[b] >= 0) | (r.tokens[b] == MASK))
+
+
+def test_coupled_rows_partition_the_completion_with_inverse_rate_weights():
+    _, _, r = rollouts("confidence", steps=12)
+    rows = build_rows("coupled", r, MASK, generator=torch.Generator().manual_seed(3))
+    for b in range(2):
+        a, c = rows.targets[rows.owner == b]
+        assert not (a & c).any() and torch.equal(a | c, r.trainable[b])
+        wa, wc = rows.weights[rows.owner == b]
+        t = 1 / wa[a][0].item() if a.any() else 1 - 1 / wc[c][0].item()
+        assert 0.2 <= t <= 0.8
+        if c.any():
+            assert wc[c][0].item() == pytest.approx(1 / (1 - t))
+        assert torch.equal(rows.inputs[rows.owner == b][0] == MASK, a)  # only its own half is masked
+
+
+def test_one_step_rows_mask_the_completion_and_some_prompt():
+    _, _, r = rollouts("confidence", batch=2, steps=12)
+    rows = build_rows("one_step", r, MASK, p_mask=0.5, generator=torch.Generator().manual_seed(0))
+    assert rows.inputs.shape[0] == 2
+    assert (rows.inputs[:, r.prompt_length :] == MASK).all()
+    assert torch.equal(rows.targets, r.trainable)
+    prompt_masked = (rows.inputs[:, : r.prompt_length] == MASK) & r.pad[:, : r.prompt_length].bool()
+    assert 0 < prompt_masked.sum() < r.pad[:, : r.prompt_length].sum()
+
+
+def test_ratio_is_exactly_one_without_an_update_and_the_gradient_is_minus_advantage():
+    model, _, r = rollouts("confidence", steps=12)
+    rows = build_rows("trajectory", r, MASK, shrink=2)
+    with torch.no_grad():
+        old = token_logprobs(model, r, rows, MASK)
+    new = token_logprobs(model, r, rows, MASK)
+    adv = torch.tensor([1.5, -0.5])
+    out = policy_loss(new, old, adv, r.trainable)
+    assert out.ratio_mean == 1.0 and out.clip_fraction == 0.0
+    leaf = new.detach().requires_grad_()
+    policy_loss(leaf, old, adv, r.trainable).loss.backward()
+    n = r.trainable.sum()
+    want = torch.where(r.trainable, -adv[:, None] / n, torch.zeros_like(leaf))
+    torch.testing.assert_close(leaf.grad, want)
+
+
+def test_clipped_tokens_get_no_gradient():
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[0.5, -0.5, 0.0], [0.5, -0.5, 0.0]], requires_grad=True)  # ratios e^.5, e^-.5, 1
+    adv = torch.tensor([1.0, -1.0])
+    out = policy_loss(new, old, adv, torch.ones(2, 3, dtype=torch.bool), eps_low=0.2, eps_high=0.2)
+    out.loss.backward()
+    # A > 0: ratio above 1 + eps is clipped (no gradient); below 1 - eps it still pushes up
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] != 0 and new.grad[0, 2] != 0
+    # A < 0: ratio below 1 - eps is clipped; above 1 + eps it still pushes down
+    assert new.grad[1, 1] == 0 and new.grad[1, 0] != 0 and new.grad[1, 2] != 0
+    assert out.clip_fraction == pytest.approx(2 / 6)
+
+
+def test_equal_rewards_in_a_group_give_zero_gradient():
+    model, _, r = rollouts("confidence", steps=12)
+    rows = build_rows("trajectory", r, MASK)
+    with torch.no_grad():
+        old = token_logprobs(model, r, rows, MASK)
+    adv, zero = group_advantages(torch.tensor([0.7, 0.7]), torch.tensor([0, 0]))
+    assert zero.all() and torch.equal(adv, torch.zeros(2))
+    model.zero_grad()
+    policy_loss(token_logprobs(model, r, rows, MASK), old, adv, r.trainable).loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_group_advantages_centre_scale_and_refuse_groups_of_one():
+    adv, zero = group_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), torch.tensor([0, 0, 1, 1]))
+    assert adv.tolist() == [0.5, -0.5, 0.0, 0.0] and zero.tolist() == [False, False, True, True]
+    scaled, _ = group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), scale_std=True)
+    assert scaled[0].item() == pytest.approx(0.5 / math.sqrt(0.5), rel=1e-4)
+    with pytest.raises(ValueError, match="at least 2 rollouts per prompt"):
+        group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]))
+
+
+def test_kl_penalty_is_k3_and_zero_at_the_reference():
+    new = torch.zeros(1, 2, requires_grad=True)
+    out = policy_loss(
+        new, new.detach(), torch.zeros(1), torch.ones(1, 2, dtype=torch.bool), logp_ref=new.detach(), beta=0.1
+    )
+    assert out.kl == 0.0
+    ref = torch.tensor([[0.3, -0.3]])
+    out = policy_loss(new, new.detach(), torch.zeros(1), torch.ones(1, 2, dtype=torch.bool), logp_ref=ref, beta=1.0)
+    assert out.kl == pytest.approx(((math.exp(0.3) - 1.3) + (math.exp(-0.3) - 0.7)) / 2, rel=1e-5)
+
+
+def test_rewards_builtin_user_and_combined():
+    assert score("arithmetic", ["1 + 2 ="] * 2, [" 3", " 4 is it"], answer=["3", "3"]) == [1.0, 0.0]
+    assert score("answer_tags", ["q"], ["x <answer>4</answer>"]) == [1.0]
+    assert score("boxed", ["q", "q"], ["so \\boxed{\\frac{1}{2}}", "none"]) == [1.0, 0.0]
+    assert score("repeat", ["a b"], ["a b a c"], response=["a b a b"]) == [0.75]
+    assert score("tests_rewards:always_one", ["p"], ["c"]) == [1.0]
+    total, parts = combine({"answer_tags": 0.5, "arithmetic": 1.0}, ["q"], ["<answer>3</answer>"], answer=["3"])
+    assert total == [1.5] and parts["answer_tags"] == [1.0]
+
+
+def test_reward_errors_name_the_reward():
+    with pytest.raises(RewardError, match="unknown reward 'arithmetik'; known rewards: .*arithmetic.*Did you mean"):
+        score("arithmetik", ["p"], ["c"])
+    with pytest.raises(RewardError, match="reward 'tests_rewards:broken' raised ZeroDivisionError"):
+        score("tests_rewards:broken", ["p"], ["c"])
+    with pytest.raises(RewardError, match="reward 'tests_rewards:short' returned 1 values for 2 completions"):
+        score("tests_rewards:short", ["p", "q"], ["c", "d"])
+    with pytest.raises(RewardError, match="cannot import 'nope' from 'tests_rewards'"):
+        score("tests_rewards:nope", ["p"], ["c"])

@@ -1,0 +1,13 @@
+"""User rewards for test_rl (loaded as module:function)."""
+
+
+def always_one(prompts, completions, **fields):
+    return [1.0 for _ in completions]
+
+
+def broken(prompts, completions, **fields):
+    return [1 / 0]
+
+
+def short(prompts, completions, **fields):
+    return [0.0]
