@@ -2,6 +2,7 @@
 
 dlm train RECIPE.yaml [key=value ...]        train (one process; use accelerate launch for more)
 dlm generate CHECKPOINT --prompt TEXT ...    sample from a trained model
+dlm rl RECIPE.yaml [key=value ...]           RL fine-tuning (rewards from generated tasks)
 dlm eval CHECKPOINT --tasks ...              lm-eval-harness tasks, scores + decoding throughput
 dlm ppl CHECKPOINT --data ... | --judge ...  perplexity bound on data; generative ppl + entropy
 dlm bench train [--hidden-size ...]          training step time, MDLM vs AR on one backbone
@@ -157,6 +158,15 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _rl(args: argparse.Namespace) -> int:
+    from dlm.config import load_recipe
+    from dlm.train.rl.loop import RLRecipe
+    from dlm.train.rl.loop import main as rl_main
+
+    rl_main(load_recipe(args.recipe, args.overrides, cls=RLRecipe))
+    return 0
+
+
 def _ppl(args: argparse.Namespace) -> int:
     from dlm.eval.ppl import main as ppl_main
 
@@ -225,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("rl", help="RL fine-tuning from a recipe (trajectory PG, diffu-GRPO, coupled-GRPO)")
+    p.add_argument("recipe", help="RL recipe YAML path, or a bundled recipe name (rl-quickstart)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    p.set_defaults(func=_rl)
 
     p = sub.add_parser("eval", help="lm-eval-harness tasks on a checkpoint (scores + decoding throughput)")
     p.add_argument("checkpoint", help="model directory, or a training output_dir")

@@ -1,0 +1,318 @@
+"""The RL fine-tuning loop: ``dlm rl RECIPE.yaml key=value ...`` / ``accelerate launch -m dlm.train.rl``.
+
+Each step: draw ``prompts_per_step`` task prompts per process (a fixed function of the seed and
+the step, so a resumed run sees the same prompts), decode ``group_size`` completions of each with
+the configured decoder (``step_map`` and decode-time log-probs recorded), score them with the
+rewards, form group-relative advantages (zero-variance groups counted and optionally dropped),
+build log-prob rows with the chosen estimator, and run ``inner_updates`` clipped policy-gradient
+updates against the rollout-time log-probs. Held-out reward (greedy decoding of fixed prompts)
+is evaluated every ``eval_every`` steps. Checkpoints, exact resume and the JSONL log work as in
+pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+from dlm.config import ConfigError
+from dlm.decode import build_decoder
+from dlm.tasks import generate
+from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
+from dlm.train.config import OptimConfig, TrainConfig
+from dlm.train.loop import param_groups, resolve_resume, step_generator, warmup_cosine
+from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, token_logprobs
+from dlm.train.rl.loss import group_advantages, policy_loss
+from dlm.train.rl.rewards import RewardError, combine, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    init: str = ""
+    """Checkpoint to start from (an SFT'd model directory or training output_dir). Required."""
+    task: str = "repeat"
+    """Generated task the prompts come from (dlm.tasks)."""
+    task_args: dict[str, Any] = field(default_factory=dict)
+    rewards: dict[str, float] = field(default_factory=lambda: {"repeat": 1.0})
+    """Reward name (or module:function) -> weight."""
+    prompts_per_step: int = 4
+    """Prompts per process per step."""
+    group_size: int = 4
+    """Completions per prompt (group-relative advantages need >= 2)."""
+    estimator: str = "trajectory"
+    """trajectory (TraceRL), one_step (diffu-GRPO) or coupled (coupled-GRPO)."""
+    shrink: int = 1
+    """trajectory: decoding steps merged per row (1 = exact)."""
+    p_mask: float = 0.15
+    """one_step: prompt masking probability."""
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    """KL (k3) weight to the frozen initial model; 0 = no reference model."""
+    scale_std: bool = False
+    drop_zero_variance: bool = True
+    inner_updates: int = 1
+    norm: str = "token"
+    row_batch_size: int = 32
+    eval_every: int = 10
+    eval_prompts: int = 32
+
+    def __post_init__(self):
+        if not self.init:
+            raise ConfigError("rl.init is required: the checkpoint to fine-tune (e.g. an SFT run's output_dir)")
+        if self.group_size < 2:
+            raise ConfigError(
+                f"rl.group_size={self.group_size}: group-relative advantages need at least 2 completions per "
+                "prompt (a group of 1 gives no signal)"
+            )
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"rl.estimator={self.estimator!r}; choose one of {', '.join(ESTIMATORS.names())}")
+        for name in ("prompts_per_step", "inner_updates", "shrink", "row_batch_size", "eval_every", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 1")
+        for name in self.rewards:
+            try:
+                resolve(name)
+            except RewardError as exc:
+                raise ConfigError(f"rl.rewards: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RLRecipe:
+    seed: int = 0
+    rl: RLConfig = field(default_factory=RLConfig)
+    decode: dict[str, Any] = field(default_factory=lambda: {"decoder": "confidence", "gen_length": 64})
+    """The rollout decoder: ``decoder`` (name) plus its settings (gen_length, steps, block_length, ...)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rl", max_steps=50))
+
+
+def make_decoder(settings: dict[str, Any], greedy: bool = False):
+    s = dict(settings)
+    name = s.pop("decoder", "confidence")
+    if greedy:
+        s["temperature"] = 0.0
+    try:
+        return build_decoder(name, eos_token_id=s.pop("eos_token_id", None), **s)
+    except ValueError as exc:
+        raise ConfigError(f"decode: {exc}") from None
+
+
+def encode_prompts(tok, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    tok.padding_side = "left"
+    enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def completions_of(tok, generated: torch.Tensor) -> tuple[list[str], list[int]]:
+    texts, lengths = [], []
+    for row in generated.tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id)]
+        texts.append(tok.decode(row, skip_special_tokens=True))
+        lengths.append(len(row))
+    return texts, lengths
+
+
+def fields_of(examples: list[dict]) -> dict[str, list]:
+    keys = [k for k in examples[0] if k != "prompt"]
+    return {k: [e[k] for e in examples] for k in keys}
+
+
+@torch.no_grad()
+def held_out_reward(model, tok, cfg: RLRecipe, device) -> float:
+    examples = generate(cfg.rl.task, cfg.rl.eval_prompts, seed=987_654, **cfg.rl.task_args)
+    decoder = make_decoder(cfg.decode, greedy=True)
+    total = []
+    for start in range(0, len(examples), 16):
+        chunk = examples[start : start + 16]
+        ids, pad = encode_prompts(tok, [e["prompt"] for e in chunk], device)
+        out = decoder(model, ids, attention_mask=pad)
+        texts, _ = completions_of(tok, out.generated)
+        values, _ = combine(dict(cfg.rl.rewards), [e["prompt"] for e in chunk], texts, **fields_of(chunk))
+        total.extend(values)
+    return sum(total) / len(total)
+
+
+def main(cfg: RLRecipe) -> dict[str, Any]:
+    t0 = time.time()
+    out = Path(cfg.train.output_dir)
+    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_ranks or None)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    set_seed(cfg.seed)
+    resume_from = resolve_resume(cfg.train.resume, out)
+    from dlm.cli import resolve_checkpoint
+
+    init = resolve_checkpoint(cfg.rl.init)
+    tok = AutoTokenizer.from_pretrained(init)
+    model = AutoModel.from_pretrained(init)
+    mask_id = model.config.mask_token_id
+    ref = None
+    if cfg.rl.beta > 0:
+        ref = AutoModel.from_pretrained(init).to(acc.device).eval()
+        ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    )
+    steps_total = cfg.train.max_steps * cfg.rl.inner_updates
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, steps_total, cfg.optim.min_lr_ratio)
+    )
+    model, optimizer = acc.prepare(model, optimizer)
+    plain = acc.unwrap_model(model)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(acc, resume_from, model, optimizer, scheduler, None)["step"]
+        if acc.is_main_process and log_path.exists():
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line).get("step", 0) <= start]
+            log_path.write_text("".join(line + "\n" for line in kept))
+    elif acc.is_main_process and log_path.exists():
+        log_path.unlink()
+    decoder = make_decoder(cfg.decode)
+    world, rank = acc.num_processes, acc.process_index
+    history: list[dict] = []
+
+    def write(record: dict) -> None:
+        history.append(record)
+        if acc.is_main_process:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    if start == 0:
+        write({"step": 0, "held_out_reward": held_out_reward(plain, tok, cfg, acc.device)})
+    bar = tqdm(range(start, cfg.train.max_steps), desc="dlm rl", disable=not acc.is_main_process, initial=start)
+    for step in bar:
+        gen = step_generator(cfg.seed, step)
+        n = cfg.rl.prompts_per_step
+        examples = generate(cfg.rl.task, n * world, seed=cfg.seed * 1_000_003 + step, **cfg.rl.task_args)
+        mine = examples[rank * n : (rank + 1) * n]
+        expanded = [e for e in mine for _ in range(cfg.rl.group_size)]
+        group = torch.arange(n).repeat_interleave(cfg.rl.group_size)
+        ids, pad = encode_prompts(tok, [e["prompt"] for e in expanded], acc.device)
+        plain.eval()
+        decode_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)) + rank)
+        with torch.no_grad():
+            rollout = decoder(plain, ids, attention_mask=pad, generator=decode_gen)
+        texts, lengths = completions_of(tok, rollout.generated)
+        rewards, parts = combine(dict(cfg.rl.rewards), [e["prompt"] for e in expanded], texts, **fields_of(expanded))
+        reward_t = torch.tensor(rewards)
+        adv, zero = group_advantages(reward_t, group, cfg.rl.scale_std)
+        keep = ~zero if cfg.rl.drop_zero_variance else torch.ones_like(zero)
+        full_pad = torch.cat([pad, torch.ones_like(rollout.generated)], dim=1)
+        r = Rollouts(rollout.tokens, rollout.step_map, rollout.prompt_length, full_pad)
+        trainable = r.trainable & keep[:, None].to(r.tokens.device)
+        stats = {"clip_fraction": 0.0, "kl": 0.0, "loss": 0.0}
+        if bool(trainable.any()):
+            kw = {"shrink": cfg.rl.shrink} if cfg.rl.estimator == "trajectory" else {}
+            if cfg.rl.estimator == "one_step":
+                kw = {"p_mask": cfg.rl.p_mask}
+            rows = build_rows(cfg.rl.estimator, r, mask_id, generator=gen, **kw)
+            with torch.no_grad():
+                old = token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
+                ref_lp = token_logprobs(ref, r, rows, mask_id, cfg.rl.row_batch_size) if ref is not None else None
+            plain.train()
+            for _ in range(cfg.rl.inner_updates):
+                new = token_logprobs(model, r, rows, mask_id, cfg.rl.row_batch_size)
+                res = policy_loss(
+                    new,
+                    old,
+                    adv.to(new.device),
+                    trainable,
+                    cfg.rl.eps_low,
+                    cfg.rl.eps_high,
+                    ref_lp,
+                    cfg.rl.beta,
+                    cfg.rl.norm,
+                )
+                acc.backward(res.loss)
+                if cfg.optim.grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats = {"clip_fraction": res.clip_fraction, "kl": res.kl, "loss": float(res.loss.detach())}
+        summary = torch.tensor(
+            [
+                reward_t.mean(),
+                reward_t.std(),
+                float(zero.float().mean()),
+                sum(lengths) / len(lengths),
+                stats["clip_fraction"],
+                stats["kl"],
+            ],
+            device=acc.device,
+        )
+        summary = acc.reduce(summary, reduction="mean")
+        record = {
+            "step": step + 1,
+            "reward_mean": float(summary[0]),
+            "reward_std": float(summary[1]),
+            "accuracy": float((reward_t >= 1.0).float().mean()),
+            "zero_variance_share": float(summary[2]),
+            "completion_length": float(summary[3]),
+            "clip_fraction": float(summary[4]),
+            "kl": float(summary[5]),
+            "loss": stats["loss"],
+            "lr": scheduler.get_last_lr()[0],
+            **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},
+        }
+        if (step + 1) % cfg.rl.eval_every == 0 or step + 1 == cfg.train.max_steps:
+            record["held_out_reward"] = held_out_reward(plain, tok, cfg, acc.device)
+        write(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        if (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
+            save_checkpoint(acc, out, step + 1, model, tok, optimizer, scheduler, None, {}, cfg.train.keep_checkpoints)
+    acc.wait_for_everyone()
+    final = None
+    if acc.is_main_process:
+        final = export_final(out / "final", plain, tok, None)
+        if cfg.train.plot:
+            plot_rewards(log_path, out / "rewards.png")
+    held = [h["held_out_reward"] for h in history if "held_out_reward" in h]
+    acc.print(
+        f"done in {time.time() - t0:.0f}s | held-out reward {held[0] if held else float('nan'):.4f} -> "
+        f"{held[-1] if held else float('nan'):.4f} | model: {final}"
+    )
+    return {"history": history, "final": final, "model": plain}
+
+
+def plot_rewards(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
+    held = [(r["step"], r["held_out_reward"]) for r in rows if "held_out_reward" in r]
+    if train:
+        ax.plot(*zip(*train), label="rollout reward", alpha=0.6)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out reward (greedy)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
