@@ -8,6 +8,8 @@ from dlm.model.build import build_model
 from dlm.train.config import RecipeConfig
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RL_RECIPES = [p for p in RECIPES if p.stem.startswith("rl-")]
+RECIPES = [p for p in RECIPES if p not in RL_RECIPES]
 
 
 def test_unknown_top_level_key_suggests_close_match():
@@ -85,3 +87,11 @@ def test_every_recipe_parses_and_builds_on_meta(recipe):
         model = build_model(cfg.model, cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size - 1)
     assert model.config.max_position_embeddings >= cfg.data.seq_len
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("recipe", RL_RECIPES, ids=[p.stem for p in RL_RECIPES])
+def test_every_rl_recipe_parses(recipe):
+    from dlm.train.rl.loop import RLRecipe
+
+    cfg = load_recipe(recipe, cls=RLRecipe)
+    assert cfg.rl.group_size >= 2 and cfg.rl.init
