@@ -9,7 +9,8 @@
 * ``loglikelihood_rolling``: the ELBO of the whole text in windows of the model's context
   (lm-eval's rolling windows: every token scored once, each window with as much clean context
   as fits) — a lower bound on the log-likelihood, so the reported perplexities are upper bounds.
-* ``generate_until``: batched generation through the decoder registry, cut at the stop
+* ``generate_until``: batched generation through the decoder registry (greedy unless the task
+  sets ``do_sample``; a ``temperature`` in ``model_args`` overrides), cut at the stop
   sequences, ``max_gen_toks`` rounded up to whole blocks.
 
 Under ``accelerate launch -m lm_eval ...`` each process evaluates its share of the requests and
@@ -271,10 +272,11 @@ class DLMEvalModel(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_gen = int(kwargs.pop("max_gen_toks", self.gen_length))
             settings = dict(self.decoder_settings)
-            if "temperature" in kwargs and "temperature" not in settings:
-                settings["temperature"] = float(kwargs.pop("temperature"))
-            if not kwargs.pop("do_sample", True) and "temperature" not in self.decoder_settings:
-                settings["temperature"] = 0.0
+            # lm-eval generates greedily unless a task asks for sampling; model_args override both
+            sample = bool(kwargs.pop("do_sample", False))
+            task_temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
+            if "temperature" not in self.decoder_settings:
+                settings["temperature"] = task_temperature if sample else 0.0
             block = int(settings.get("block_length") or max_gen)
             length = -(-max_gen // block) * block
             if "steps" in decoder_keys(self.decoder):

@@ -110,6 +110,13 @@ def test_generate_until_cuts_at_stop_sequences(trained):
     assert cut == free[: free.index(stop)]
 
 
+def test_generate_until_is_greedy_unless_the_task_samples(trained):
+    lm = DLMEvalModel(pretrained=trained, batch_size=2, block_length=8)
+    default = lm.generate_until([_Inst("the model", {"max_gen_toks": 8, "until": []})])
+    greedy = lm.generate_until([_Inst("the model", {"max_gen_toks": 8, "until": [], "do_sample": False})])
+    assert default == greedy
+
+
 def test_dlm_eval_command_writes_scores_and_throughput(trained, tmp_path, capsys, monkeypatch):
     import json
 
