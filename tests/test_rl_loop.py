@@ -72,3 +72,33 @@ def test_rl_recipe_errors_name_the_fix(sft, tmp_path):
         from_dict(RLRecipe, {"rl": {}})
     with pytest.raises(ConfigError, match="rl.estimator='grpo'; choose one of coupled, one_step, trajectory"):
         from_dict(RLRecipe, {"rl": {"init": sft, "estimator": "grpo"}})
+
+
+@pytest.mark.slow
+def test_two_process_rl_matches_one_process_with_the_same_global_batch(sft, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
+    script = str(tests / "dist_rl.py")
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    subprocess.run([*launch, script, sft, str(two), "2"], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, script, sft, str(one), "4"], check=True, env=env, timeout=600)
+    a, b = load_file(two / "weights.safetensors"), load_file(one / "weights.safetensors")
+    initial = load_file(Path(sft) / "final" / "model.safetensors")
+    assert any(not torch.equal(b[k], initial[k]) for k in initial)  # the run did update the model
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ha, hb = (json.loads((d / "history.json").read_text()) for d in (two, one))
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == [0, 1, 2]
+    for x, y in zip(ha, hb):
+        for key in ("held_out_reward", "reward_mean", "completion_length"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], abs=1e-6), key

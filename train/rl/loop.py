@@ -148,6 +148,40 @@ def held_out_reward(model, tok, cfg: RLRecipe, device) -> float:
     return sum(total) / len(total)
 
 
+def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int, n: int):
+    """Decode ``n`` prompt groups of ``group_size`` rows, group ``j`` with a generator seeded by
+    ``(seed, step, first + j)``; returns one DecodeOutput-like batch."""
+    from dlm.decode.output import DecodeOutput
+
+    G = cfg.rl.group_size
+    outs = []
+    for j in range(n):
+        g = torch.Generator().manual_seed(hash((cfg.seed, step, first + j)) & 0x7FFF_FFFF_FFFF_FFFF)
+        rows = slice(j * G, (j + 1) * G)
+        outs.append(decoder(model, ids[rows], attention_mask=pad[rows], generator=g))
+    cat = lambda name: torch.cat([getattr(o, name) for o in outs])  # noqa: E731
+    return DecodeOutput(
+        cat("tokens"),
+        cat("step_map"),
+        cat("logprobs"),
+        cat("nfe"),
+        sum(o.model_calls for o in outs),
+        outs[0].prompt_length,
+    )
+
+
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Mean of the gradients over processes (each process's loss is its own token mean)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def main(cfg: RLRecipe) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.train.output_dir)
@@ -210,9 +244,8 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         group = torch.arange(n).repeat_interleave(cfg.rl.group_size)
         ids, pad = encode_prompts(tok, [e["prompt"] for e in expanded], acc.device)
         plain.eval()
-        decode_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)) + rank)
-        with torch.no_grad():
-            rollout = decoder(plain, ids, attention_mask=pad, generator=decode_gen)
+        with torch.no_grad():  # one generator per prompt group: N processes sample what one process would
+            rollout = decode_groups(decoder, plain, ids, pad, cfg, step, rank * n, n)
         texts, lengths = completions_of(tok, rollout.generated)
         rewards, parts = combine(dict(cfg.rl.rewards), [e["prompt"] for e in expanded], texts, **fields_of(expanded))
         reward_t = torch.tensor(rewards)
@@ -232,7 +265,8 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
                 ref_lp = token_logprobs(ref, r, rows, mask_id, cfg.rl.row_batch_size) if ref is not None else None
             plain.train()
             for _ in range(cfg.rl.inner_updates):
-                new = token_logprobs(model, r, rows, mask_id, cfg.rl.row_batch_size)
+                # the unwrapped model runs every row batch; gradients are averaged across processes below
+                new = token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
                 res = policy_loss(
                     new,
                     old,
@@ -245,6 +279,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
                     cfg.rl.norm,
                 )
                 acc.backward(res.loss)
+                average_gradients(plain, world)
                 if cfg.optim.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
@@ -257,6 +292,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
                 reward_t.std(),
                 float(zero.float().mean()),
                 sum(lengths) / len(lengths),
+                float((reward_t >= 1.0).float().mean()),
                 stats["clip_fraction"],
                 stats["kl"],
             ],
@@ -267,11 +303,11 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
             "step": step + 1,
             "reward_mean": float(summary[0]),
             "reward_std": float(summary[1]),
-            "accuracy": float((reward_t >= 1.0).float().mean()),
+            "accuracy": float(summary[4]),
             "zero_variance_share": float(summary[2]),
             "completion_length": float(summary[3]),
-            "clip_fraction": float(summary[4]),
-            "kl": float(summary[5]),
+            "clip_fraction": float(summary[5]),
+            "kl": float(summary[6]),
             "loss": stats["loss"],
             "lr": scheduler.get_last_lr()[0],
             **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},
