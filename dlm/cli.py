@@ -26,8 +26,10 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A model directory: the path itself, or ``<run>/final`` / its newest checkpoint."""
+def resolve_checkpoint(path: str, allow_hub: bool = False) -> Path | str:
+    """A model directory: the path itself, or ``<run>/final`` / its newest checkpoint. With
+    ``allow_hub``, a name of the form ``org/name`` that is not a local path is returned as is
+    (a hub id for transformers to download)."""
     from dlm.train.checkpoint import list_checkpoints
 
     root = Path(path).expanduser()
@@ -38,6 +40,8 @@ def resolve_checkpoint(path: str) -> Path:
     found = list_checkpoints(root)
     if found:
         return found[-1]
+    if allow_hub and not root.exists() and path.count("/") == 1:
+        return path
     raise FileNotFoundError(
         f"no dlm model at {path!r}: expected a directory with config.json, or a training "
         "output_dir with final/ or checkpoint-<step>/ inside"

@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,12 +78,7 @@ class DLMEvalModel(TemplateLM):
         import dlm  # noqa: F401  (Auto classes)
         from dlm.cli import resolve_checkpoint
 
-        try:
-            path = resolve_checkpoint(str(pretrained))
-        except FileNotFoundError:
-            if Path(str(pretrained)).expanduser().exists() or str(pretrained).count("/") != 1:
-                raise
-            path = str(pretrained)  # a hub id ("org/name"): transformers downloads it
+        path = resolve_checkpoint(str(pretrained), allow_hub=True)
         remote = str(kwargs.get("trust_remote_code", False)).lower() in ("true", "1", "yes")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             str(kwargs.get("dtype", "float32"))

@@ -13,12 +13,7 @@ def _load(path: str, device: str, dtype):
     import dlm  # noqa: F401
     from dlm.cli import resolve_checkpoint
 
-    try:
-        where = resolve_checkpoint(path)
-    except FileNotFoundError:
-        if Path(path).expanduser().exists() or path.count("/") != 1:
-            raise
-        where = path  # a hub id
+    where = resolve_checkpoint(path, allow_hub=True)
     tok = AutoTokenizer.from_pretrained(where)
     config_type = (
         json.loads((Path(where) / "config.json").read_text()).get("model_type") if Path(where).is_dir() else None

@@ -248,3 +248,13 @@ def test_is_greedy_is_true_exactly_for_the_greedy_continuation(trained):
         [Request(context, greedy), Request(context, other), Request([5] + context, greedy[:1]), Request(context, [])]
     )
     assert flags[:2] == [True, False] and flags[3] is True
+
+
+def test_hub_ids_pass_through_only_where_allowed(tmp_path):
+    from dlm.cli import resolve_checkpoint
+
+    assert resolve_checkpoint("GSAI-ML/LLaDA-8B-Instruct", allow_hub=True) == "GSAI-ML/LLaDA-8B-Instruct"
+    with pytest.raises(FileNotFoundError, match="no dlm model at"):
+        resolve_checkpoint("GSAI-ML/LLaDA-8B-Instruct")
+    with pytest.raises(FileNotFoundError, match="no dlm model at"):
+        resolve_checkpoint(str(tmp_path / "missing"), allow_hub=True)
