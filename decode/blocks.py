@@ -148,14 +148,13 @@ class Logits:
 
     def __init__(
         self,
-        model: nn.Module,
         pad: Tensor | None,
         mask_id: int,
         cfg: DecodeConfig,
         prompt_length: int,
         runner: Runner,
     ):
-        self.model, self.pad, self.mask_id, self.cfg, self.prompt_length = model, pad, mask_id, cfg, prompt_length
+        self.pad, self.mask_id, self.cfg, self.prompt_length = pad, mask_id, cfg, prompt_length
         self.runner = runner  # which columns each model call feeds (the KV-cache policy)
         self.value: Tensor | None = None  # [B, Tb, V] float32 with SUBS applied
         self.span: tuple[int, int] | None = None  # the block the cached value belongs to
@@ -313,7 +312,7 @@ def _run_blocks(
     rows = B * (2 if cfg.cfg_scale > 0 else 1)
     block_only = bool(getattr(model, "supports_output_mask", False))
     runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only)
-    logits = Logits(model, pad, mask_id, cfg, P, runner)
+    logits = Logits(pad, mask_id, cfg, P, runner)
     logits.reset(B, device)
     history: list[Tensor] = []
     block_len = G // cfg.num_blocks

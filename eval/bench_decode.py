@@ -166,7 +166,7 @@ def parse_task_args(text: str | None) -> dict:
     return out
 
 
-def task_prompts(args, tok, batch: int, gen_length: int):
+def task_prompts(args, tok, batch: int):
     """Left-padded prompts of held-out task examples (seed 1; training uses seed 0) and the examples."""
     from dlm.tasks import generate
 
@@ -210,7 +210,7 @@ def main(args) -> int:
         grid = decoder_grid(steps, args.block_length, args.threshold)
         for batch in batch_sizes:
             if args.task:
-                prompt, pad, examples = task_prompts(args, tok, batch, gen_length)
+                prompt, pad, examples = task_prompts(args, tok, batch)
             else:
                 prompt = torch.randint(0, cfg.vocab_size - 1, (batch, args.prompt_length), device=args.device)
                 pad, examples = None, None

@@ -177,6 +177,15 @@ class DLMEvalModel(TemplateLM):
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists as a left-padded batch ``(ids, attention_mask)`` on the model's device."""
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), self.eot_token_id, dtype=torch.long)
+        pad = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, q in enumerate(seqs):
+            ids[row, width - len(q) :], pad[row, width - len(q) :] = torch.tensor(q), 1
+        return ids.to(self.device_name), pad.to(self.device_name)
+
     def _warn_truncation(self, what: str) -> None:
         if not self.warned_truncation:
             log.warning(
@@ -220,13 +229,8 @@ class DLMEvalModel(TemplateLM):
             decoder = build_decoder("confidence", gen_length=L, steps=L, temperature=0.0, eos_token_id=None)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                contexts = [reqs[i].context or [self.eot_token_id] for i in chunk]
-                width = max(len(c) for c in contexts)
-                ids = torch.full((len(chunk), width), self.eot_token_id, dtype=torch.long)
-                pad = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, c in enumerate(contexts):
-                    ids[row, width - len(c) :], pad[row, width - len(c) :] = torch.tensor(c), 1
-                out = decoder(self.model, ids.to(self.device_name), attention_mask=pad.to(self.device_name))
+                ids, pad = self._left_pad([reqs[i].context or [self.eot_token_id] for i in chunk])
+                out = decoder(self.model, ids, attention_mask=pad)
                 for row, i in enumerate(chunk):
                     flags[i] = out.generated[row].tolist() == reqs[i].target
         return flags
@@ -292,16 +296,9 @@ class DLMEvalModel(TemplateLM):
                 if any(len(e) > room for e in encoded):
                     self._warn_truncation("a generation prompt plus max_gen_toks is")
                     encoded = [e[-room:] for e in encoded]
-                width = max(len(e) for e in encoded)
-                ids = torch.full((len(chunk), width), self.eot_token_id, dtype=torch.long)
-                pad = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, e in enumerate(encoded):
-                    ids[row, width - len(e) :] = torch.tensor(e)
-                    pad[row, width - len(e) :] = 1
+                ids, pad = self._left_pad(encoded)
                 t0 = time.perf_counter()
-                out = decoder(
-                    self.model, ids.to(self.device_name), attention_mask=pad.to(self.device_name), generator=gen
-                )
+                out = decoder(self.model, ids, attention_mask=pad, generator=gen)
                 self.generation_seconds += time.perf_counter() - t0
                 for row, i in enumerate(chunk):
                     tokens = out.generated[row].tolist()
