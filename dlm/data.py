@@ -7,8 +7,9 @@ Sources (``data.dataset``):
 * a local directory (files matching ``data.file_glob``, one document per file) or a local
   ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file;
 * any HF hub dataset name (``data.dataset_config``, ``data.split``);
-* ``task:NAME`` — a generated task from :mod:`dlm.tasks` (``data.task_args``; ``max_documents``
-  examples, default 10000), with ``prompt`` / ``response`` fields for ``format: chat``.
+* ``task:NAME`` — a generated task from :mod:`dlm.tasks` or any reasoning-gym dataset
+  (``data.task_args``; ``max_documents`` examples, default 10000), with ``prompt`` / ``response``
+  fields for ``format: chat``.
 
 ``format: text`` packs documents into rows of ``seq_len`` tokens with EOS between documents.
 ``format: chat`` builds SFT rows (prompt + answer + EOS padding) with a ``loss_mask`` over the
@@ -117,7 +118,9 @@ def load_documents(cfg: DataConfig, streaming: bool = False):
             rows = generate(name[5:], cfg.max_documents or 10000, seed=0, **cfg.task_args)
         except ValueError as exc:
             raise DataError(f"data.dataset {name!r}: {exc}") from None
-        ds = Dataset.from_list(rows)
+        # reasoning-gym examples also carry the scorer's ``entry`` (nested, per-dataset metadata): SFT needs
+        # only the text fields
+        ds = Dataset.from_list([{k: v for k, v in row.items() if k != "entry"} for row in rows])
         return ds.to_iterable_dataset() if streaming else ds
     if name == "stdlib" or (_is_local(name) and Path(name).expanduser().is_dir()):
         files = (
@@ -188,6 +191,27 @@ def pack_stream(token_lists: Iterator[list[int]], seq_len: int, eos_id: int) -> 
         del buf[:start]
 
 
+def prompt_token_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """A prompt's token ids: the chat template with the generation prompt when the tokenizer has
+    one, else the messages' contents joined by newlines. SFT rows and RL prompts both use this, so
+    a model is prompted the way it was trained."""
+    if tok.chat_template:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tok("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists as a left-padded batch ``(input_ids, attention_mask)`` (what the decoders take)."""
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, q in enumerate(seqs):
+        if q:
+            ids[row, width - len(q) :], mask[row, width - len(q) :] = torch.tensor(q), 1
+    return ids, mask
+
+
 def chat_row(
     example: dict[str, Any], tok: PreTrainedTokenizerBase, cfg: DataConfig
 ) -> tuple[list[int], list[int]] | None:
@@ -203,12 +227,7 @@ def chat_row(
             )
         prompt_msgs = [{"role": "user", "content": example[cfg.prompt_field]}]
         answer = example[cfg.response_field]
-    if tok.chat_template:
-        prompt_ids = tok.apply_chat_template(prompt_msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_ids, dict):
-            prompt_ids = prompt_ids["input_ids"]
-    else:
-        prompt_ids = tok("\n".join(m["content"] for m in prompt_msgs), add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_token_ids(tok, prompt_msgs)
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     if len(prompt_ids) >= cfg.seq_len:
         return None

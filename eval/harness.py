@@ -30,6 +30,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from dlm.data import left_pad
 from dlm.decode import DECODERS, build_decoder, decoder_names
 from dlm.eval.likelihood import Request, elbo
 
@@ -179,11 +180,7 @@ class DLMEvalModel(TemplateLM):
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token lists as a left-padded batch ``(ids, attention_mask)`` on the model's device."""
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), width), self.eot_token_id, dtype=torch.long)
-        pad = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, q in enumerate(seqs):
-            ids[row, width - len(q) :], pad[row, width - len(q) :] = torch.tensor(q), 1
+        ids, pad = left_pad(seqs, self.eot_token_id)
         return ids.to(self.device_name), pad.to(self.device_name)
 
     def _warn_truncation(self, what: str) -> None:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from dlm.config import ConfigError
+from dlm.data import left_pad, prompt_token_ids
 from dlm.decode import build_decoder
 from dlm.tasks import generate
 from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
@@ -45,8 +46,10 @@ class RLConfig:
     init: str = ""
     """Checkpoint to start from (an SFT'd model directory or training output_dir). Required."""
     task: str = "repeat"
-    """Generated task the prompts come from (dlm.tasks)."""
+    """Generated task the prompts come from: a dlm.tasks name or any reasoning-gym dataset."""
     task_args: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str = ""
+    """A system message put before every prompt (e.g. the answer format the reward checks)."""
     rewards: dict[str, float] = field(default_factory=lambda: {"repeat": 1.0})
     """Reward name (or module:function) -> weight."""
     prompts_per_step: int = 4
@@ -84,6 +87,10 @@ class RLConfig:
         for name in ("prompts_per_step", "inner_updates", "shrink", "row_batch_size", "eval_every", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 1")
+        try:
+            generate(self.task, 1, seed=0, **self.task_args)
+        except ValueError as exc:
+            raise ConfigError(f"rl.task: {exc}") from None
         for name in self.rewards:
             try:
                 resolve(name)
@@ -112,10 +119,13 @@ def make_decoder(settings: dict[str, Any], greedy: bool = False):
         raise ConfigError(f"decode: {exc}") from None
 
 
-def encode_prompts(tok, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    tok.padding_side = "left"
-    enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+def encode_prompts(tok, prompts: list[str], device, system_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt batch, formatted as in SFT (chat template when the tokenizer has one)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    seqs = [prompt_token_ids(tok, [*system, {"role": "user", "content": p}]) for p in prompts]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids, mask = left_pad(seqs, pad_id)
+    return ids.to(device), mask.to(device)
 
 
 def completions_of(tok, generated: torch.Tensor) -> tuple[list[str], list[int]]:
@@ -140,7 +150,7 @@ def held_out_reward(model, tok, cfg: RLRecipe, device) -> float:
     total = []
     for start in range(0, len(examples), 16):
         chunk = examples[start : start + 16]
-        ids, pad = encode_prompts(tok, [e["prompt"] for e in chunk], device)
+        ids, pad = encode_prompts(tok, [e["prompt"] for e in chunk], device, cfg.rl.system_prompt)
         out = decoder(model, ids, attention_mask=pad)
         texts, _ = completions_of(tok, out.generated)
         values, _ = combine(dict(cfg.rl.rewards), [e["prompt"] for e in chunk], texts, **fields_of(chunk))
@@ -242,7 +252,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         mine = examples[rank * n : (rank + 1) * n]
         expanded = [e for e in mine for _ in range(cfg.rl.group_size)]
         group = torch.arange(n).repeat_interleave(cfg.rl.group_size)
-        ids, pad = encode_prompts(tok, [e["prompt"] for e in expanded], acc.device)
+        ids, pad = encode_prompts(tok, [e["prompt"] for e in expanded], acc.device, cfg.rl.system_prompt)
         plain.eval()
         with torch.no_grad():  # one generator per prompt group: N processes sample what one process would
             rollout = decode_groups(decoder, plain, ids, pad, cfg, step, rank * n, n)

@@ -3,7 +3,11 @@
 Built-ins (``REWARDS``): ``repeat`` and ``arithmetic`` (dlm's generated tasks), ``answer_tags``
 (the completion holds ``<answer>...</answer>``), ``boxed`` (a ``\\boxed{...}``), ``math_equiv``
 (the boxed or tagged answer is mathematically equal to ``fields["answer"]``, via math-verify).
-A user reward is ``module:function``. :func:`combine` builds a weighted sum; :func:`score` runs
+Every reasoning-gym dataset name (``countdown``, ``mini_sudoku``, ``basic_arithmetic``, ...) is a
+reward too: its own scorer on the completion's ``<answer>`` (or whole completion) against the
+example's ``entry`` (prompts from the same task carry it); ``reasoning_gym`` scores each entry
+with the scorer of the dataset that made it (composite datasets). A user reward is
+``module:function``. :func:`combine` builds a weighted sum; :func:`score` runs
 one and checks what it returns.
 """
 
@@ -13,7 +17,9 @@ import importlib
 import re
 from collections.abc import Callable, Sequence
 
-from dlm.registry import Registry
+from dlm.registry import Registry, close_matches
+from dlm.tasks import ANSWER_TAGS as TAGS
+from dlm.tasks import is_reasoning_gym, reasoning_gym_names
 from dlm.tasks import score as task_score
 
 RewardFn = Callable[..., list[float]]
@@ -41,9 +47,6 @@ def arithmetic_reward(prompts, completions, answer=None, **_):
         found = NUMBER.search(c)
         out.append(float(found is not None and found.group() == str(a).strip()))
     return out
-
-
-TAGS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 @REWARDS.register("answer_tags")
@@ -86,6 +89,24 @@ def math_equiv_reward(prompts, completions, answer=None, **_):
     return out
 
 
+@REWARDS.register("reasoning_gym")
+def reasoning_gym_reward(prompts, completions, entry=None, **_):
+    """Each reasoning-gym ``entry``'s own scorer (by its ``source_dataset``)."""
+    if entry is None:
+        raise RewardError('reward "reasoning_gym" needs the examples\' "entry" field: use a reasoning-gym rl.task')
+    return [task_score(e["metadata"]["source_dataset"], {"entry": e}, c) for e, c in zip(entry, completions)]
+
+
+def reasoning_gym_reward_for(name: str) -> RewardFn:
+    def reward(prompts, completions, entry=None, **_):
+        if entry is None:
+            raise RewardError(f'reward {name!r} needs the examples\' "entry" field: use rl.task: {name}')
+        return [task_score(name, {"entry": e}, c) for e, c in zip(entry, completions)]
+
+    reward.__name__ = f"reasoning_gym_{name}"
+    return reward
+
+
 def resolve(name: str) -> RewardFn:
     """A reward by registry name or ``module:function``."""
     if ":" in name:
@@ -97,10 +118,20 @@ def resolve(name: str) -> RewardFn:
         if not callable(fn):
             raise RewardError(f"reward {name!r} is not callable")
         return fn
-    try:
+    if name in REWARDS:
         return REWARDS.get(name)
-    except KeyError as exc:
-        raise RewardError(exc.args[0] + " Or give a user reward as module:function.") from None
+    if is_reasoning_gym(name):
+        return reasoning_gym_reward_for(name)
+    rg = reasoning_gym_names()
+    more = (
+        f", or any of the {len(rg)} reasoning-gym dataset names (countdown, mini_sudoku, basic_arithmetic, ...)"
+        if rg
+        else ' (reasoning-gym dataset names need pip install "dlm[rl]")'
+    )
+    raise RewardError(
+        f"unknown reward {name!r}; known rewards: {', '.join(REWARDS.names())}{more}. "
+        "Or give a user reward as module:function." + close_matches(name, REWARDS.names() + rg)
+    )
 
 
 def score(name: str, prompts: Sequence[str], completions: Sequence[str], **fields) -> list[float]:
