@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import train_tiny
-from dlm.config import ConfigError, from_dict
+from dlm.config import ConfigError, from_dict, to_dict
 from dlm.train.rl.loop import RLRecipe, main
 
 TASK = {"period": 4, "repeats": 2}
@@ -102,3 +102,43 @@ def test_two_process_rl_matches_one_process_with_the_same_global_batch(sft, tmp_
         for key in ("held_out_reward", "reward_mean", "completion_length"):
             if key in y:
                 assert x[key] == pytest.approx(y[key], abs=1e-6), key
+
+
+def test_lora_rl_trains_only_adapters_uses_the_base_as_reference_and_resumes(sft, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    out = tmp_path / "lora"
+    lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+
+    def lora_recipe():
+        plain = to_dict(recipe(sft, out))
+        rl = {**plain["rl"], "beta": 0.05, "rewards": {"tests_rewards:variety": 1.0}}
+        return from_dict(RLRecipe, {**plain, "rl": rl, "lora": lora})
+
+    first = main(lora_recipe())
+    log = first["history"]
+    # step 1's update starts from B = 0: policy == reference, so its KL is exactly zero; then it moves
+    assert log[1]["kl"] == pytest.approx(0.0, abs=1e-7) and log[2]["kl"] > 0
+    initial = load_file(f"{sft}/final/model.safetensors")
+    merged = load_file(out / "final" / "model.safetensors")
+    changed = {k for k in initial if not torch.equal(initial[k], merged[k])}
+    assert changed and all(any(m in k for m in ("q_proj", "v_proj", "up_proj")) for k in changed)
+    # the exported adapter on the base model reproduces the merged model
+    base = AutoModel.from_pretrained(f"{sft}/final")
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
+    x = torch.randint(0, 40, (2, 12))
+    torch.testing.assert_close(
+        with_adapter(input_ids=x).logits, AutoModel.from_pretrained(out / "final")(input_ids=x).logits
+    )
+    # resume from checkpoint-1 (an adapter checkpoint) and redo step 2: the same record
+    (out / "final").rename(tmp_path / "first-final")
+    assert main(lora_recipe())["history"][-1] == log[-1]
+    with pytest.raises(ValueError, match="holds a LoRA adapter but this run trains full weights"):
+        main(recipe(sft, out))
+    with pytest.raises(ConfigError, match=r"lora.target_modules=\['qproj'\].*linear layers: .*'q_proj'"):
+        main(
+            from_dict(RLRecipe, {**to_dict(recipe(sft, tmp_path / "x")), "lora": {"r": 2, "target_modules": ["qproj"]}})
+        )

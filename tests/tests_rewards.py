@@ -11,3 +11,8 @@ def broken(prompts, completions, **fields):
 
 def short(prompts, completions, **fields):
     return [0.0]
+
+
+def variety(prompts, completions, **fields):
+    """Distinct characters per completion: differs within a group even for an untrained model."""
+    return [len(set(c)) / 10 for c in completions]

@@ -110,16 +110,7 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -
             f"{path} is not a complete dlm checkpoint (no {STATE}); "
             f"pick one of {[p.name for p in list_checkpoints(path.parent)]}"
         )
-    weights = path / "model.safetensors"
-    unwrapped = accelerator.unwrap_model(model)
-    tensors = load_file(weights)
-    missing, unexpected = unwrapped.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if unwrapped.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}; resume with the recipe that wrote it"
-        )
+    _load_weights(accelerator.unwrap_model(model), path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     if ema is not None:
@@ -131,6 +122,37 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -
         set_rng_state(torch.load(rng_path, weights_only=False))
     with open(state_path) as fh:
         return json.load(fh)
+
+
+ADAPTER = "adapter_model.safetensors"
+
+
+def _load_weights(model, path: Path) -> None:
+    """The model's weights from a checkpoint: full weights, or a LoRA adapter for a peft model."""
+    lora = hasattr(model, "peft_config")
+    if lora != (path / ADAPTER).is_file():
+        have = "a LoRA adapter" if (path / ADAPTER).is_file() else "full model weights"
+        want = "a LoRA adapter (lora.r > 0)" if lora else "full weights (lora.r = 0)"
+        raise ValueError(
+            f"checkpoint {path} holds {have} but this run trains {want}; resume with the recipe that wrote it"
+        )
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(path / ADAPTER))
+        if result.unexpected_keys:
+            raise ValueError(
+                f"checkpoint {path}'s adapter does not match the model: unexpected "
+                f"{sorted(result.unexpected_keys)[:3]}; resume with the lora settings that wrote it"
+            )
+        return
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}; resume with the recipe that wrote it"
+        )
 
 
 def export_final(path: Path, model, tokenizer, ema) -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from dlm.config import ConfigError
 from dlm.data import DataConfig
 from dlm.model.build import ModelConfig
@@ -122,6 +124,47 @@ class SampleConfig:
     steps: int = 128
     temperature: float = 1.0
     prompt: str = ""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters through peft (``lora.r > 0``): only the adapters train; the frozen base
+    doubles as the KL reference (adapters switched off), so no second model copy is held."""
+
+    r: int = 0
+    """Adapter rank; 0 = off (full fine-tuning)."""
+    alpha: float = 16.0
+    dropout: float = 0.0
+    """Adapter dropout. Above 0 the rollout-time (eval) and update-time (train) log-probs differ, so
+    the first ratio is no longer exactly 1."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or ``all-linear`` (every linear layer but the LM head)."""
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError(f"lora.r={self.r} must be >= 0 (0 turns LoRA off)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def wrap(self, model):
+        """``model`` with fresh adapters (a peft ``PeftModel``; the base weights frozen)."""
+        try:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+        except ImportError as exc:
+            raise ConfigError('lora.r > 0 needs peft: pip install "dlm[rl]"') from exc
+        cfg = PeftLoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules
+        )
+        try:
+            return get_peft_model(model, cfg)
+        except ValueError as exc:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(f"lora.target_modules={self.target_modules!r}: {exc}; linear layers: {names}") from None
 
 
 @dataclass(frozen=True)

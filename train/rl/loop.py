@@ -32,7 +32,7 @@ from dlm.data import left_pad, prompt_token_ids
 from dlm.decode import build_decoder
 from dlm.tasks import generate
 from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
-from dlm.train.config import OptimConfig, TrainConfig
+from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
 from dlm.train.loop import param_groups, resolve_resume, step_generator, warmup_cosine
 from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, token_logprobs
 from dlm.train.rl.loss import group_advantages, policy_loss
@@ -106,6 +106,8 @@ class RLRecipe:
     """The rollout decoder: ``decoder`` (name) plus its settings (gen_length, steps, block_length, ...)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rl", max_steps=50))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """``lora.r > 0``: train low-rank adapters (peft) instead of every weight."""
 
 
 def make_decoder(settings: dict[str, Any], greedy: bool = False):
@@ -180,6 +182,14 @@ def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int
     )
 
 
+def reference_logprobs(plain, ref, r: Rollouts, rows, mask_id: int, cfg: RLRecipe) -> torch.Tensor:
+    """Row log-probs under the frozen reference: the initial model, or (LoRA) the adapters switched off."""
+    if ref is not None:
+        return token_logprobs(ref, r, rows, mask_id, cfg.rl.row_batch_size)
+    with plain.disable_adapter():
+        return token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
+
+
 def average_gradients(model: torch.nn.Module, world: int) -> None:
     """Mean of the gradients over processes (each process's loss is its own token mean)."""
     if world == 1:
@@ -209,7 +219,9 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
     model = AutoModel.from_pretrained(init)
     mask_id = model.config.mask_token_id
     ref = None
-    if cfg.rl.beta > 0:
+    if cfg.lora.enabled:
+        model = cfg.lora.wrap(model)  # the reference is this model with its adapters switched off
+    elif cfg.rl.beta > 0:
         ref = AutoModel.from_pretrained(init).to(acc.device).eval()
         ref.requires_grad_(False)
     optimizer = torch.optim.AdamW(
@@ -272,7 +284,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
             rows = build_rows(cfg.rl.estimator, r, mask_id, generator=gen, **kw)
             with torch.no_grad():
                 old = token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
-                ref_lp = token_logprobs(ref, r, rows, mask_id, cfg.rl.row_batch_size) if ref is not None else None
+                ref_lp = reference_logprobs(plain, ref, r, rows, mask_id, cfg) if cfg.rl.beta > 0 else None
             plain.train()
             for _ in range(cfg.rl.inner_updates):
                 # the unwrapped model runs every row batch; gradients are averaged across processes below
@@ -331,6 +343,9 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
     acc.wait_for_everyone()
     final = None
     if acc.is_main_process:
+        if cfg.lora.enabled:  # the adapter alone, then the merged model every dlm tool loads
+            export_final(out / "adapter", plain, tok, None)
+            plain = plain.merge_and_unload()
         final = export_final(out / "final", plain, tok, None)
         if cfg.train.plot:
             plot_rewards(log_path, out / "rewards.png")
