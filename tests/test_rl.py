@@ -157,3 +157,77 @@ def test_reward_errors_name_the_reward():
         score("tests_rewards:short", ["p", "q"], ["c", "d"])
     with pytest.raises(RewardError, match="cannot import 'nope' from 'tests_rewards'"):
         score("tests_rewards:nope", ["p"], ["c"])
+
+
+def block_causal_rollouts(name="confidence", block_length=4, batch=3, gen=16, **kw):
+    """A block-causal model (blocks of 4), prompts of 5 columns (so the decoder aligns by 3), ragged."""
+    model = tiny_model(seed=4, attention_mode="block_causal", block_size=4)
+    prompt = torch.randint(0, 63, (batch, 5), generator=torch.Generator().manual_seed(2))
+    pad = torch.ones_like(prompt)
+    pad[1, :2] = 0
+    pad[2, :4] = 0
+    dec = build_decoder(name, gen_length=gen, block_length=block_length, eos_token_id=None, temperature=1.0, **kw)
+    out = dec(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(5))
+    full_pad = torch.cat([pad, torch.ones(batch, gen, dtype=torch.long)], dim=1)
+    return model, out, Rollouts(out.tokens, out.step_map, out.prompt_length, full_pad)
+
+
+@pytest.mark.parametrize(
+    "name, kw", [("confidence", {"steps": 16}), ("ancestral", {"steps": 8}), ("first_hitting", {})]
+)
+@pytest.mark.parametrize("block_length, paired", [(4, True), (8, False)])
+def test_block_causal_trajectory_rows_give_the_decode_time_log_probs(name, kw, block_length, paired):
+    model, out, r = block_causal_rollouts(name, block_length, **kw)
+    rows = build_rows("trajectory", r, MASK, shrink=1, block_size=4)
+    # decoder blocks = model blocks: vectorised over blocks; a decoder block spanning two model blocks
+    # (earlier model block still partly masked) falls back to the per-step canvases
+    assert rows.paired is paired and rows.offset == 3
+    with torch.no_grad():
+        logp = token_logprobs(model, r, rows, MASK, batch_size=5)
+    torch.testing.assert_close(logp[r.trainable].double(), out.logprobs[r.trainable], atol=1e-4, rtol=1e-4)
+    if paired:  # and it equals the per-step rows, with fewer (longer) rows
+        per_step = build_rows("trajectory", r, MASK, shrink=1, block_size=4, vectorise=False)
+        with torch.no_grad():
+            torch.testing.assert_close(logp, token_logprobs(model, r, per_step, MASK))
+        assert rows.inputs.shape[0] < per_step.inputs.shape[0]
+
+
+@pytest.mark.parametrize("shrink", [1, 2, 3])
+def test_vectorised_block_rows_are_disjoint_cover_every_token_and_number_the_longest_block(shrink):
+    _, _, r = block_causal_rollouts("confidence", 4, steps=16)
+    rows = build_rows("trajectory", r, MASK, shrink=shrink, block_size=4)
+    L = rows.inputs.shape[1] // 2
+    noisy_targets = rows.targets[:, :L]
+    assert not rows.targets[:, L:].any()
+    for b in range(3):
+        mine = noisy_targets[rows.owner == b][:, rows.offset :]
+        assert torch.equal(mine.sum(0), r.trainable[b].long())  # every trainable token exactly once
+        steps_per_block = [
+            len(torch.unique(r.step_map[b, c : c + 4][r.trainable[b, c : c + 4]])) for c in range(5, 21, 4)
+        ]
+        assert mine.shape[0] == max(expected_rows(n, shrink) for n in steps_per_block)
+        # the clean half is the finished canvas; the noisy half masks each target and what its block decoded later
+        for x, t in zip(rows.inputs[rows.owner == b], mine):
+            assert torch.equal(x[L + rows.offset :], r.tokens[b])
+            noisy = x[rows.offset : L]
+            for c in range(5, 21, 4):
+                cols = slice(c, c + 4)
+                if t[cols].any():
+                    first = r.step_map[b, cols][t[cols]].min()
+                    assert torch.equal(noisy[cols] == MASK, r.step_map[b, cols] >= first)
+
+
+def test_coupled_and_one_step_rows_on_a_block_causal_model_read_clean_earlier_blocks():
+    model, _, r = block_causal_rollouts("confidence", 4, steps=16)
+    coupled = build_rows("coupled", r, MASK, generator=torch.Generator().manual_seed(3), block_size=4)
+    L = coupled.inputs.shape[1] // 2
+    assert coupled.paired and coupled.offset == 3
+    for b in range(3):
+        a, c = coupled.targets[coupled.owner == b][:, 3:L]
+        assert not (a & c).any() and torch.equal(a | c, r.trainable[b])
+        assert all(torch.equal(x[L + 3 :], r.tokens[b]) for x in coupled.inputs[coupled.owner == b])
+    one = build_rows("one_step", r, MASK, p_mask=0.0, generator=torch.Generator().manual_seed(0), block_size=4)
+    assert torch.equal(one.targets[:, 3:L], r.trainable) and (one.inputs[:, 3 + r.prompt_length : L] == MASK).all()
+    with torch.no_grad():  # a block-causal forward over [z ⊕ x] gives finite log-probs at every target
+        lp = token_logprobs(model, r, coupled, MASK)
+    assert torch.isfinite(lp).all() and (lp[r.trainable] < 0).all()

@@ -142,3 +142,19 @@ def test_lora_rl_trains_only_adapters_uses_the_base_as_reference_and_resumes(sft
         main(
             from_dict(RLRecipe, {**to_dict(recipe(sft, tmp_path / "x")), "lora": {"r": 2, "target_modules": ["qproj"]}})
         )
+
+
+def test_rl_on_a_block_causal_model_trains_with_vectorised_trajectory_rows(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    bd3 = train_tiny(tmp_path / "bd3", objective="bd3lm", diffusion={"block_size": 4})
+    cfg = to_dict(recipe(bd3, tmp_path / "rl"))
+    cfg["rl"] = {**cfg["rl"], "task": "repeat", "rewards": {"tests_rewards:variety": 1.0}, "group_size": 4}
+    cfg["decode"] = {"decoder": "confidence", "gen_length": 8, "steps": 8, "block_length": 4}
+    cfg["train"] = {**cfg["train"], "max_steps": 1}
+    result = main(from_dict(RLRecipe, cfg))
+    assert result["history"][-1]["reward_std"] > 0
+    before = load_file(f"{bd3}/final/model.safetensors")
+    after = load_file(tmp_path / "rl" / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)

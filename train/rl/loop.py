@@ -30,6 +30,7 @@ from transformers import AutoModel, AutoTokenizer
 from dlm.config import ConfigError
 from dlm.data import left_pad, prompt_token_ids
 from dlm.decode import build_decoder
+from dlm.decode.blocks import block_causal_size
 from dlm.tasks import generate
 from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
@@ -281,7 +282,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
             kw = {"shrink": cfg.rl.shrink} if cfg.rl.estimator == "trajectory" else {}
             if cfg.rl.estimator == "one_step":
                 kw = {"p_mask": cfg.rl.p_mask}
-            rows = build_rows(cfg.rl.estimator, r, mask_id, generator=gen, **kw)
+            rows = build_rows(cfg.rl.estimator, r, mask_id, generator=gen, block_size=block_causal_size(plain), **kw)
             with torch.no_grad():
                 old = token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
                 ref_lp = reference_logprobs(plain, ref, r, rows, mask_id, cfg) if cfg.rl.beta > 0 else None
