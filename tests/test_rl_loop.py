@@ -158,3 +158,44 @@ def test_rl_on_a_block_causal_model_trains_with_vectorised_trajectory_rows(tmp_p
     before = load_file(f"{bd3}/final/model.safetensors")
     after = load_file(tmp_path / "rl" / "final" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def remote_code_checkpoint(root, tokenizer_from) -> str:
+    """A LLaDA-shaped checkpoint with its own modelling code and no mask_token_id in its config."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    code = root / "code"
+    shutil.copytree(Path(__file__).parent / "remote_model", code)
+    auto = {
+        "AutoConfig": "configuration_tiny_llada.TinyLLaDAConfig",
+        "AutoModel": "modeling_tiny_llada.TinyLLaDAModelLM",
+    }
+    (code / "config.json").write_text(json.dumps({"model_type": "tiny_llada", "auto_map": auto}))
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(code, trust_remote_code=True), trust_remote_code=True)
+    model.save_pretrained(root / "model")  # copies the modelling code next to the weights
+    AutoTokenizer.from_pretrained(f"{tokenizer_from}/final").save_pretrained(root / "model")
+    return str(root / "model")
+
+
+def test_rl_drives_a_remote_code_checkpoint_with_lora(sft, tmp_path):
+    import torch
+    from transformers import AutoModel
+
+    ckpt = remote_code_checkpoint(tmp_path, sft)
+    cfg = to_dict(recipe(ckpt, tmp_path / "rl"))
+    rl = {**cfg["rl"], "trust_remote_code": True, "beta": 0.05, "rewards": {"tests_rewards:variety": 1.0}}
+    lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    with pytest.raises(ConfigError, match="has no mask_token_id in its config; set rl.mask_token_id"):
+        main(from_dict(RLRecipe, {**cfg, "rl": rl, "lora": lora}))
+    result = main(from_dict(RLRecipe, {**cfg, "rl": {**rl, "mask_token_id": 1}, "lora": lora}))
+    assert [h["step"] for h in result["history"]] == [0, 1, 2] and result["history"][-1]["kl"] > 0
+    merged = AutoModel.from_pretrained(tmp_path / "rl" / "final", trust_remote_code=True)
+    base = AutoModel.from_pretrained(ckpt, trust_remote_code=True)
+    before = dict(base.named_parameters())
+    moved = [n for n, p in merged.named_parameters() if not torch.equal(p, before[n])]
+    assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)

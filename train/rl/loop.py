@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -45,7 +45,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RLConfig:
     init: str = ""
-    """Checkpoint to start from (an SFT'd model directory or training output_dir). Required."""
+    """Checkpoint to start from: an SFT'd model directory, a training output_dir, or a hub id
+    (``GSAI-ML/LLaDA-8B-Instruct``). Required."""
+    trust_remote_code: bool = False
+    """Load checkpoints that ship their own modelling code (LLaDA, Dream)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype the policy is loaded in (bfloat16 for 8B models; LoRA adapters stay float32)."""
+    mask_token_id: int | None = None
+    """The mask token, when the checkpoint's config has none."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (long completions on a large model)."""
     task: str = "repeat"
     """Generated task the prompts come from: a dlm.tasks name or any reasoning-gym dataset."""
     task_args: dict[str, Any] = field(default_factory=dict)
@@ -147,9 +156,10 @@ def fields_of(examples: list[dict]) -> dict[str, list]:
 
 
 @torch.no_grad()
-def held_out_reward(model, tok, cfg: RLRecipe, device) -> float:
+def held_out_reward(model, tok, cfg: RLRecipe, device, settings: dict[str, Any]) -> float:
+    """Mean reward of greedy decoding (``settings`` = the rollout decoder's) on fixed prompts."""
     examples = generate(cfg.rl.task, cfg.rl.eval_prompts, seed=987_654, **cfg.rl.task_args)
-    decoder = make_decoder(cfg.decode, greedy=True)
+    decoder = make_decoder(settings, greedy=True)
     total = []
     for start in range(0, len(examples), 16):
         chunk = examples[start : start + 16]
@@ -215,15 +225,28 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
     resume_from = resolve_resume(cfg.train.resume, out)
     from dlm.cli import resolve_checkpoint
 
-    init = resolve_checkpoint(cfg.rl.init)
-    tok = AutoTokenizer.from_pretrained(init)
-    model = AutoModel.from_pretrained(init)
-    mask_id = model.config.mask_token_id
+    init = resolve_checkpoint(cfg.rl.init, allow_hub=True)
+    load = {"dtype": getattr(torch, cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
+    tok = AutoTokenizer.from_pretrained(init, trust_remote_code=cfg.rl.trust_remote_code)
+    model = AutoModel.from_pretrained(init, **load)
+    mask_id = cfg.rl.mask_token_id if cfg.rl.mask_token_id is not None else getattr(model.config, "mask_token_id", None)
+    if mask_id is None:
+        raise ConfigError(
+            f"the model at {init} has no mask_token_id in its config; set rl.mask_token_id (LLaDA: 126336)"
+        )
+    decode_settings = {"mask_token_id": mask_id, **cfg.decode}
+    if cfg.rl.gradient_checkpointing:
+        try:
+            model.gradient_checkpointing_enable()
+        except ValueError as exc:
+            raise ConfigError(f"rl.gradient_checkpointing: {exc} Set rl.gradient_checkpointing=false.") from None
+        if cfg.lora.enabled:
+            model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
     ref = None
     if cfg.lora.enabled:
         model = cfg.lora.wrap(model)  # the reference is this model with its adapters switched off
     elif cfg.rl.beta > 0:
-        ref = AutoModel.from_pretrained(init).to(acc.device).eval()
+        ref = AutoModel.from_pretrained(init, **load).to(acc.device).eval()
         ref.requires_grad_(False)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
@@ -245,7 +268,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
             log_path.write_text("".join(line + "\n" for line in kept))
     elif acc.is_main_process and log_path.exists():
         log_path.unlink()
-    decoder = make_decoder(cfg.decode)
+    decoder = make_decoder(decode_settings)
     world, rank = acc.num_processes, acc.process_index
     history: list[dict] = []
 
@@ -256,7 +279,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
                 fh.write(json.dumps(record) + "\n")
 
     if start == 0:
-        write({"step": 0, "held_out_reward": held_out_reward(plain, tok, cfg, acc.device)})
+        write({"step": 0, "held_out_reward": held_out_reward(plain, tok, cfg, acc.device, decode_settings)})
     bar = tqdm(range(start, cfg.train.max_steps), desc="dlm rl", disable=not acc.is_main_process, initial=start)
     for step in bar:
         gen = step_generator(cfg.seed, step)
@@ -336,7 +359,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
             **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},
         }
         if (step + 1) % cfg.rl.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            record["held_out_reward"] = held_out_reward(plain, tok, cfg, acc.device)
+            record["held_out_reward"] = held_out_reward(plain, tok, cfg, acc.device, decode_settings)
         write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
