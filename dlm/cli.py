@@ -3,6 +3,7 @@
 dlm train RECIPE.yaml [key=value ...]        train (one process; use accelerate launch for more)
 dlm generate CHECKPOINT --prompt TEXT ...    sample from a trained model
 dlm rl RECIPE.yaml [key=value ...]           RL fine-tuning (rewards from generated tasks)
+dlm rl-compare RUN [RUN ...] [--out PNG]     held-out reward of RL runs, seeds grouped: table + plot
 dlm eval CHECKPOINT --tasks ...              lm-eval-harness tasks, scores + decoding throughput
 dlm ppl CHECKPOINT --data ... | --judge ...  perplexity bound on data; generative ppl + entropy
 dlm bench train [--hidden-size ...]          training step time, MDLM vs AR on one backbone
@@ -171,6 +172,15 @@ def _rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rl_compare(args: argparse.Namespace) -> int:
+    from dlm.train.rl.compare import main as compare_main
+
+    print(compare_main(args.runs, args.out))
+    if args.out:
+        print(f"plot: {args.out}")
+    return 0
+
+
 def _ppl(args: argparse.Namespace) -> int:
     from dlm.eval.ppl import main as ppl_main
 
@@ -244,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="RL recipe YAML path, or a bundled recipe name (rl-quickstart)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     p.set_defaults(func=_rl)
+
+    p = sub.add_parser("rl-compare", help="held-out reward of RL runs (seeds grouped by -seedN): table + PNG")
+    p.add_argument("runs", nargs="+", help="dlm rl output directories (NAME-seedN groups seeds of one setting)")
+    p.add_argument("--out", default=None, help="write the combined curve to this PNG")
+    p.set_defaults(func=_rl_compare)
 
     p = sub.add_parser("eval", help="lm-eval-harness tasks on a checkpoint (scores + decoding throughput)")
     p.add_argument("checkpoint", help="model directory, or a training output_dir")

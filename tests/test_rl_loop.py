@@ -199,3 +199,28 @@ def test_rl_drives_a_remote_code_checkpoint_with_lora(sft, tmp_path):
     before = dict(base.named_parameters())
     moved = [n for n, p in merged.named_parameters() if not torch.equal(p, before[n])]
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
+
+
+def test_rl_compare_groups_seeds_into_one_row_and_one_curve(tmp_path):
+    from dlm.cli import main as cli_main
+
+    for name, finals, wall in (("a-seed0", 0.5, 10.0), ("a-seed1", 0.7, 30.0), ("b", 0.2, None)):
+        run = tmp_path / name
+        run.mkdir()
+        records = [
+            {"step": 0, "held_out_reward": 0.4},
+            {"step": 1, "reward_mean": 0.3},
+            {"step": 2, "held_out_reward": finals},
+        ]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if wall is not None:
+            (run / "run.json").write_text(json.dumps({"wall_seconds": wall}))
+    from dlm.train.rl.compare import main as compare
+
+    text = compare([str(tmp_path / n) for n in ("a-seed0", "a-seed1", "b")], str(tmp_path / "cmp.png"))
+    assert "| a | 2 | 0.400 | 0.600 ± 0.141 | 0.500 / 0.700 | 20 s |" in text
+    assert "| b | 1 | 0.400 | 0.200 ± 0.000 | 0.200 | — |" in text
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    assert cli_main(["rl-compare", str(tmp_path / "b")]) == 0
+    with pytest.raises(FileNotFoundError, match="has no log.jsonl: is it a dlm rl output_dir"):
+        compare([str(tmp_path)], None)

@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from dlm.config import ConfigError
+from dlm.config import ConfigError, to_dict
 from dlm.data import left_pad, prompt_token_ids
 from dlm.decode import build_decoder
 from dlm.decode.blocks import block_causal_size
@@ -374,6 +374,9 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         if cfg.train.plot:
             plot_rewards(log_path, out / "rewards.png")
     held = [h["held_out_reward"] for h in history if "held_out_reward" in h]
+    if acc.is_main_process:  # what `dlm rl-compare` tabulates (wall time of this invocation)
+        summary = {"recipe": to_dict(cfg), "wall_seconds": round(time.time() - t0, 1), "resumed_at": start}
+        (out / "run.json").write_text(json.dumps(summary, indent=1, default=str))
     acc.print(
         f"done in {time.time() - t0:.0f}s | held-out reward {held[0] if held else float('nan'):.4f} -> "
         f"{held[-1] if held else float('nan'):.4f} | model: {final}"
