@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from dlm.config import from_dict
 from dlm.train.rl.loop import RLRecipe, main
 
-sft, out, per_rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sft, out, per_rank, estimator = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cfg = from_dict(
     RLRecipe,
     {
@@ -22,6 +22,8 @@ cfg = from_dict(
             "eval_every": 2,
             "eval_prompts": 4,
             "drop_zero_variance": False,
+            "estimator": estimator,
+            "inner_updates": 2,
         },
         "decode": {"decoder": "confidence", "gen_length": 8, "steps": 8, "block_length": 4},
         "optim": {"lr": 1e-3, "warmup_steps": 0},

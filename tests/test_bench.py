@@ -88,7 +88,9 @@ def test_repeat_task_is_deterministic_and_scored_by_position():
 
 
 def test_task_errors_list_what_exists():
-    with pytest.raises(ValueError, match="unknown task 'repeet'; dlm's tasks: repeat; or one of the .*Did you mean 'repeat'"):
+    with pytest.raises(
+        ValueError, match="unknown task 'repeet'; dlm's tasks: repeat; or one of the .*Did you mean 'repeat'"
+    ):
         generate("repeet", 2)
     with pytest.raises(ValueError, match="task 'repeat' has no argument.*length; its arguments: period, repeats"):
         generate("repeat", 2, length=3)

@@ -231,3 +231,22 @@ def test_coupled_and_one_step_rows_on_a_block_causal_model_read_clean_earlier_bl
     with torch.no_grad():  # a block-causal forward over [z ⊕ x] gives finite log-probs at every target
         lp = token_logprobs(model, r, coupled, MASK)
     assert torch.isfinite(lp).all() and (lp[r.trainable] < 0).all()
+
+
+def test_random_rows_are_new_per_inner_update_and_do_not_depend_on_left_padding():
+    from dlm.config import from_dict
+    from dlm.train.rl.loop import RLRecipe, make_rows
+
+    _, _, r = rollouts("confidence", batch=2, steps=12)
+    cfg = from_dict(RLRecipe, {"rl": {"init": "x", "estimator": "coupled", "group_size": 2, "p_mask": 0.5}})
+    a, again, b = (make_rows(cfg, r, MASK, None, 3, 0, 1, inner) for inner in (0, 0, 1))
+    assert torch.equal(a.inputs, again.inputs) and not torch.equal(a.inputs, b.inputs)
+    # the same rollouts with two more padding columns on the left: the same masks on real tokens
+    pad2 = lambda t, v: torch.cat([t.new_full((t.shape[0], 2), v), t], 1)  # noqa: E731
+    wide = Rollouts(pad2(r.tokens, 0), pad2(r.step_map, -1), r.prompt_length + 2, pad2(r.pad, 0))
+    for name in ("coupled", "one_step"):
+        cfg = from_dict(RLRecipe, {"rl": {"init": "x", "estimator": name, "group_size": 2, "p_mask": 0.5}})
+        narrow_rows, wide_rows = make_rows(cfg, r, MASK, None, 3, 0, 1, 0), make_rows(cfg, wide, MASK, None, 3, 0, 1, 0)
+        assert torch.equal(narrow_rows.inputs, wide_rows.inputs[:, 2:]) and torch.equal(
+            narrow_rows.weights, wide_rows.weights[:, 2:]
+        )

@@ -62,6 +62,11 @@ class Rollouts:
     def trainable(self) -> Tensor:
         return self.step_map >= 0
 
+    def select(self, rows: slice) -> Rollouts:
+        return Rollouts(
+            self.tokens[rows], self.step_map[rows], self.prompt_length, None if self.pad is None else self.pad[rows]
+        )
+
 
 @dataclass
 class Rows:
@@ -168,7 +173,12 @@ def one_step_rows(
     prompt[:, : r.prompt_length] = True
     if r.pad is not None:
         prompt &= r.pad.bool()
-    hide_prompt = prompt & (torch.rand(B, T, generator=generator).to(r.tokens.device) < p_mask)
+    # one draw per real prompt token, row by row: the masks do not depend on how much left padding
+    # the batch has (so N processes draw what one process would)
+    hide_prompt = torch.zeros_like(prompt)
+    for b in range(B):
+        cols = prompt[b].nonzero().squeeze(-1)
+        hide_prompt[b, cols] = torch.rand(len(cols), generator=generator).to(r.tokens.device) < p_mask
     completion = torch.zeros_like(prompt)
     completion[:, r.prompt_length :] = True
     x = r.tokens.masked_fill(hide_prompt | completion, mask_id)
@@ -183,7 +193,8 @@ def coupled_rows(
 ) -> Rows:
     B, T = r.tokens.shape
     t = t_low + (t_high - t_low) * torch.rand(B, generator=generator, dtype=torch.float64)
-    u = torch.rand(B, T, generator=generator, dtype=torch.float64)
+    u = torch.ones(B, T, dtype=torch.float64)  # drawn over the completion only: padding-invariant
+    u[:, r.prompt_length :] = torch.rand(B, T - r.prompt_length, generator=generator, dtype=torch.float64)
     m = (u < t[:, None]).to(r.tokens.device) & r.trainable
     fill = _completion_unfinished(r)
     inputs, targets, weights, owner = [], [], [], []
@@ -221,6 +232,21 @@ def _rows(inputs, targets, weights, owner, r: Rollouts, **layout) -> Rows:
     w = torch.stack(weights).float() if weights is not None else targets_t.float()
     owner_t = torch.tensor(owner, dtype=torch.long, device=r.tokens.device)
     return Rows(torch.stack(inputs), targets_t, w, owner_t, **layout)
+
+
+def concat_rows(parts: list[Rows], sizes: list[int]) -> Rows:
+    """Rows of consecutive rollout slices (``sizes[i]`` rollouts each) as one set."""
+    first = parts[0]
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
+    return Rows(
+        torch.cat([p.inputs for p in parts]),
+        torch.cat([p.targets for p in parts]),
+        torch.cat([p.weights for p in parts]),
+        torch.cat([p.owner + start for p, start in zip(parts, starts)]),
+        first.offset,
+        first.paired,
+        first.block_size,
+    )
 
 
 def build_rows(name: str, r: Rollouts, mask_id: int, generator=None, **kwargs) -> Rows:

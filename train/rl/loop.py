@@ -34,8 +34,8 @@ from dlm.decode.blocks import block_causal_size
 from dlm.tasks import generate
 from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
-from dlm.train.loop import param_groups, resolve_resume, step_generator, warmup_cosine
-from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, token_logprobs
+from dlm.train.loop import param_groups, resolve_resume, warmup_cosine
+from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, concat_rows, token_logprobs
 from dlm.train.rl.loss import group_advantages, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, resolve
 
@@ -193,6 +193,23 @@ def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int
     )
 
 
+def make_rows(cfg: RLRecipe, r: Rollouts, mask_id: int, block, step: int, first: int, n: int, inner: int):
+    """The estimator's rows for ``n`` prompt groups; random masks come from one generator per group
+    seeded by ``(seed, step, first + j, inner)``, so N processes draw what one process would."""
+    name = cfg.rl.estimator
+    if name == "trajectory":
+        return build_rows(name, r, mask_id, shrink=cfg.rl.shrink, block_size=block)
+    kw = {"p_mask": cfg.rl.p_mask} if name == "one_step" else {}
+    G = cfg.rl.group_size
+    parts = []
+    for j in range(n):
+        g = torch.Generator().manual_seed(hash((cfg.seed, step, first + j, inner, 1)) & 0x7FFF_FFFF_FFFF_FFFF)
+        parts.append(
+            build_rows(name, r.select(slice(j * G, (j + 1) * G)), mask_id, generator=g, block_size=block, **kw)
+        )
+    return concat_rows(parts, [G] * n)
+
+
 def reference_logprobs(plain, ref, r: Rollouts, rows, mask_id: int, cfg: RLRecipe) -> torch.Tensor:
     """Row log-probs under the frozen reference: the initial model, or (LoRA) the adapters switched off."""
     if ref is not None:
@@ -282,7 +299,6 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         write({"step": 0, "held_out_reward": held_out_reward(plain, tok, cfg, acc.device, decode_settings)})
     bar = tqdm(range(start, cfg.train.max_steps), desc="dlm rl", disable=not acc.is_main_process, initial=start)
     for step in bar:
-        gen = step_generator(cfg.seed, step)
         n = cfg.rl.prompts_per_step
         examples = generate(cfg.rl.task, n * world, seed=cfg.seed * 1_000_003 + step, **cfg.rl.task_args)
         mine = examples[rank * n : (rank + 1) * n]
@@ -302,25 +318,32 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         trainable = r.trainable & keep[:, None].to(r.tokens.device)
         stats = {"clip_fraction": 0.0, "kl": 0.0, "loss": 0.0}
         if bool(trainable.any()):
-            kw = {"shrink": cfg.rl.shrink} if cfg.rl.estimator == "trajectory" else {}
-            if cfg.rl.estimator == "one_step":
-                kw = {"p_mask": cfg.rl.p_mask}
-            rows = build_rows(cfg.rl.estimator, r, mask_id, generator=gen, block_size=block_causal_size(plain), **kw)
+            block = block_causal_size(plain)
+            # trajectory rows are fixed by the rollout; one_step / coupled draw new masks for every
+            # inner update (diffu-GRPO), and the old / reference log-probs are those of each draw
+            fresh = cfg.rl.estimator != "trajectory"
+            draws = [
+                make_rows(cfg, r, mask_id, block, step, rank * n, n, i)
+                for i in range(cfg.rl.inner_updates if fresh else 1)
+            ]
             with torch.no_grad():
-                old = token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
-                ref_lp = reference_logprobs(plain, ref, r, rows, mask_id, cfg) if cfg.rl.beta > 0 else None
+                olds = [token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size) for rows in draws]
+                refs = [
+                    reference_logprobs(plain, ref, r, rows, mask_id, cfg) if cfg.rl.beta > 0 else None for rows in draws
+                ]
             plain.train()
-            for _ in range(cfg.rl.inner_updates):
+            for i in range(cfg.rl.inner_updates):
+                k = i if fresh else 0
                 # the unwrapped model runs every row batch; gradients are averaged across processes below
-                new = token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
+                new = token_logprobs(plain, r, draws[k], mask_id, cfg.rl.row_batch_size)
                 res = policy_loss(
                     new,
-                    old,
+                    olds[k],
                     adv.to(new.device),
                     trainable,
                     cfg.rl.eps_low,
                     cfg.rl.eps_high,
-                    ref_lp,
+                    refs[k],
                     cfg.rl.beta,
                     cfg.rl.norm,
                 )
