@@ -31,6 +31,7 @@ def recipe(sft, out, **train):
                 "eval_every": 1,
                 "eval_prompts": 4,
                 "drop_zero_variance": False,
+                "save_rollouts_every": 1,
             },
             "decode": {"decoder": "confidence", "gen_length": 8, "steps": 8, "block_length": 4},
             "optim": {"lr": 1e-3, "warmup_steps": 0},
@@ -56,11 +57,18 @@ def test_rl_loop_logs_exports_and_resumes_exactly(sft, tmp_path):
     ):
         assert key in log[1]
     assert (out / "final" / "model.safetensors").is_file() and (out / "rewards.png").is_file()
-    # resume from checkpoint-1 and redo step 2: the same record
+    rollouts = [json.loads(line) for line in (out / "rollouts-0.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["group"]) for r in rollouts] == [(s, g) for s in (1, 2) for g in (0, 0, 0, 1, 1, 1)]
+    for r in rollouts:  # every completion token has its decoding step and log-prob; rewards are logged
+        assert len(r["tokens"]) == len(r["step_map"]) == len(r["logprobs"]) == 8
+        assert sorted(r["step_map"]) == list(range(8)) and all(lp <= 0 for lp in r["logprobs"])
+        assert r["reward"] == r["rewards"]["repeat"] and r["decoder"]["decoder"] == "confidence"
+    # resume from checkpoint-1 and redo step 2: the same record, and no duplicated rollouts
     (out / "final").rename(tmp_path / "first-final")
     second = main(recipe(sft, out))
     assert [h["step"] for h in second["history"]] == [2]  # started after checkpoint-1, not from scratch
     assert second["history"][-1] == first["history"][-1]
+    assert [json.loads(line) for line in (out / "rollouts-0.jsonl").read_text().splitlines()] == rollouts
 
 
 def test_rl_recipe_errors_name_the_fix(sft, tmp_path):

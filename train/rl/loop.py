@@ -4,10 +4,18 @@ Each step: draw ``prompts_per_step`` task prompts per process (a fixed function 
 the step, so a resumed run sees the same prompts), decode ``group_size`` completions of each with
 the configured decoder (``step_map`` and decode-time log-probs recorded), score them with the
 rewards, form group-relative advantages (zero-variance groups counted and optionally dropped),
-build log-prob rows with the chosen estimator, and run ``inner_updates`` clipped policy-gradient
-updates against the rollout-time log-probs. Held-out reward (greedy decoding of fixed prompts)
-is evaluated every ``eval_every`` steps. Checkpoints, exact resume and the JSONL log work as in
-pretraining.
+build log-prob rows with the chosen estimator (trajectory rows once; one-step / coupled masks
+redrawn for every inner update), and run ``inner_updates`` clipped policy-gradient updates
+against the rollout-time log-probs. Held-out reward (greedy decoding of fixed prompts) is
+evaluated every ``eval_every`` steps. Checkpoints, exact resume and the JSONL log work as in
+pretraining; ``run.json`` records the recipe and wall time.
+
+Prompts come from a dlm task or any reasoning-gym dataset (``rl.task``), formatted as in SFT
+(chat template, optional ``rl.system_prompt``). The policy is a dlm checkpoint or any masked
+diffusion checkpoint transformers can load (``rl.init`` hub id, ``rl.trust_remote_code``,
+``rl.dtype``, ``rl.mask_token_id``); ``lora.r > 0`` trains peft adapters and uses the base
+(adapters off) as the KL reference. Random draws (rollouts, masks) come from generators per
+prompt group, so N processes reproduce one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -83,6 +91,9 @@ class RLConfig:
     row_batch_size: int = 32
     eval_every: int = 10
     eval_prompts: int = 32
+    save_rollouts_every: int = 10
+    """Every N steps, append that step's rollouts (prompt, completion, step_map, decode-time
+    log-probs, rewards, group, decoder settings) to ``rollouts-<rank>.jsonl``; 0 = never."""
 
     def __post_init__(self):
         if not self.init:
@@ -193,6 +204,35 @@ def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int
     )
 
 
+def keep_until(path: Path, step: int) -> None:
+    """Drop a JSONL file's records after ``step`` (all of them for a fresh run): a resumed run
+    rewrites what follows its checkpoint."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step] if step else []
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_rollouts(path: Path, step: int, first: int, examples, texts, rollout, rewards, parts, cfg: RLRecipe) -> None:
+    """One JSONL record per completion: what was decoded, in which order, and how it scored."""
+    P, G = rollout.prompt_length, cfg.rl.group_size
+    with open(path, "a") as fh:
+        for i, (example, text) in enumerate(zip(examples, texts)):
+            record = {
+                "step": step,
+                "group": first + i // G,
+                "prompt": example["prompt"],
+                "completion": text,
+                "reward": rewards[i],
+                "rewards": {k: v[i] for k, v in parts.items()},
+                "tokens": rollout.tokens[i, P:].tolist(),
+                "step_map": rollout.step_map[i, P:].tolist(),
+                "logprobs": [round(x, 6) for x in rollout.logprobs[i, P:].tolist()],
+                "decoder": cfg.decode,
+            }
+            fh.write(json.dumps(record) + "\n")
+
+
 def make_rows(cfg: RLRecipe, r: Rollouts, mask_id: int, block, step: int, first: int, n: int, inner: int):
     """The estimator's rows for ``n`` prompt groups; random masks come from one generator per group
     seeded by ``(seed, step, first + j, inner)``, so N processes draw what one process would."""
@@ -276,17 +316,16 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
     plain = acc.unwrap_model(model)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
+    acc.wait_for_everyone()
+    world, rank = acc.num_processes, acc.process_index
+    log_path, rollouts_path = out / "log.jsonl", out / f"rollouts-{rank}.jsonl"
     start = 0
     if resume_from is not None:
         start = load_checkpoint(acc, resume_from, model, optimizer, scheduler, None)["step"]
-        if acc.is_main_process and log_path.exists():
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line).get("step", 0) <= start]
-            log_path.write_text("".join(line + "\n" for line in kept))
-    elif acc.is_main_process and log_path.exists():
-        log_path.unlink()
+    if acc.is_main_process:
+        keep_until(log_path, start)
+    keep_until(rollouts_path, start)  # each process keeps its own rollouts
     decoder = make_decoder(decode_settings)
-    world, rank = acc.num_processes, acc.process_index
     history: list[dict] = []
 
     def write(record: dict) -> None:
@@ -355,6 +394,8 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 stats = {"clip_fraction": res.clip_fraction, "kl": res.kl, "loss": float(res.loss.detach())}
+        if cfg.rl.save_rollouts_every and (step + 1) % cfg.rl.save_rollouts_every == 0:
+            save_rollouts(rollouts_path, step + 1, rank * n, expanded, texts, rollout, rewards, parts, cfg)
         summary = torch.tensor(
             [
                 reward_t.mean(),
