@@ -229,7 +229,7 @@ def test_rl_compare_groups_seeds_into_one_row_and_one_curve(tmp_path):
 
     text = compare([str(tmp_path / n) for n in ("a-seed0", "a-seed1", "b")], str(tmp_path / "cmp.png"))
     assert "| a | 2 | 0.400 | 0.600 ± 0.141 | 0.500 / 0.700 | 20 s |" in text
-    assert "| b | 1 | 0.400 | 0.200 ± 0.000 | 0.200 | — |" in text
+    assert "| b | 1 | 0.400 | 0.200 ± 0.000 | 0.200* | — |" in text and "* no run.json" in text
     assert (tmp_path / "cmp.png").stat().st_size > 0
     assert cli_main(["rl-compare", str(tmp_path / "b")]) == 0
     with pytest.raises(FileNotFoundError, match="has no log.jsonl: is it a dlm rl output_dir"):

@@ -27,7 +27,7 @@ def load_run(path: Path) -> dict:
             held[rec["step"]] = rec["held_out_reward"]
     summary = path / "run.json"
     wall = json.loads(summary.read_text()).get("wall_seconds") if summary.is_file() else None
-    return {"name": path.name, "held": held, "wall": wall}
+    return {"name": path.name, "held": held, "wall": wall, "finished": summary.is_file()}
 
 
 def group_name(run_dir: Path) -> str:
@@ -52,9 +52,13 @@ def table(groups: dict[str, list[dict]]) -> str:
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
         walls = [r["wall"] for r in runs if r["wall"] is not None]
         wall = f"{statistics.mean(walls):.0f} s" if walls else "—"
-        per_seed = " / ".join(f"{f:.3f}" for f in finals)
+        per_seed = " / ".join(f"{f:.3f}" + ("" if r["finished"] else "*") for f, r in zip(finals, runs))
         final = f"{statistics.mean(finals):.3f} ± {spread:.3f}"
         rows.append(f"| {name} | {len(runs)} | {start:.3f} | {final} | {per_seed} | {wall} |")
+    if any(not r["finished"] for runs in groups.values() for r in runs):
+        rows.append(
+            "\n\\* no run.json: a run still going, or one from before dlm rl wrote run.json (its last held-out value is shown)"
+        )
     return "\n".join(rows)
 
 
