@@ -57,7 +57,8 @@ def table(groups: dict[str, list[dict]]) -> str:
         rows.append(f"| {name} | {len(runs)} | {start:.3f} | {final} | {per_seed} | {wall} |")
     if any(not r["finished"] for runs in groups.values() for r in runs):
         rows.append(
-            "\n\\* no run.json: a run still going, or one from before dlm rl wrote run.json (its last held-out value is shown)"
+            "\n\\* no run.json: a run still going, or one from before dlm rl wrote run.json "
+            "(its last held-out value is shown)"
         )
     return "\n".join(rows)
 
