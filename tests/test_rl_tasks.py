@@ -105,3 +105,15 @@ def test_rl_loop_runs_on_a_reasoning_gym_task(tmp_path):
     assert "reward/basic_arithmetic" in log[-1] and 0.0 <= log[-1]["reward_mean"] <= 1.0
     with pytest.raises(ConfigError, match="rl.task: unknown task 'basic_arithmatic'.*Did you mean"):
         from_dict(RLRecipe, {"rl": {**rl, "task": "basic_arithmatic"}})
+
+
+def test_llada_recipe_switches_task_and_its_reward_follows():
+    from dlm.config import load_recipe
+    from dlm.train.rl.loop import RLRecipe
+
+    cfg = load_recipe("recipes/rl-llada-countdown.yaml", ["rl.task=gsm_symbolic", "rl.task_args=null"], cls=RLRecipe)
+    assert (cfg.rl.task, cfg.rl.task_args, cfg.lora.r, cfg.rl.estimator) == ("gsm_symbolic", {}, 128, "one_step")
+    examples = generate(cfg.rl.task, 2, seed=1)
+    fields = {"entry": [e["entry"] for e in examples]}
+    right = [f"<answer>{e['answer']}</answer>" for e in examples]
+    assert combine(dict(cfg.rl.rewards), [e["prompt"] for e in examples], right, **fields)[0] == [1.0, 1.0]

@@ -65,7 +65,8 @@ class RLConfig:
     """Recompute activations in the backward pass (long completions on a large model)."""
     task: str = "repeat"
     """Generated task the prompts come from: a dlm.tasks name or any reasoning-gym dataset."""
-    task_args: dict[str, Any] = field(default_factory=dict)
+    task_args: dict[str, Any] | None = field(default_factory=dict)
+    """The task's arguments; ``null`` (e.g. ``rl.task_args=null`` on the command line) = its defaults."""
     system_prompt: str = ""
     """A system message put before every prompt (e.g. the answer format the reward checks)."""
     rewards: dict[str, float] = field(default_factory=lambda: {"repeat": 1.0})
@@ -108,6 +109,8 @@ class RLConfig:
         for name in ("prompts_per_step", "inner_updates", "shrink", "row_batch_size", "eval_every", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 1")
+        if self.task_args is None:
+            object.__setattr__(self, "task_args", {})
         try:
             generate(self.task, 1, seed=0, **self.task_args)
         except ValueError as exc:
