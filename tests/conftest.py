@@ -107,3 +107,18 @@ def train_tiny(tmp_path: Path, **sections) -> str:
     recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     assert cli_main(["train", str(recipe)]) == 0
     return cfg.train.output_dir
+
+
+def run_script(script: str, *args: str, processes: int = 1) -> None:
+    """Run ``tests/<script>`` with ``args``: plainly, or under torchrun with ``processes`` gloo ranks
+    (one thread each, the repository importable), failing the test if it fails."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    subprocess.run([*launch, str(tests / script), *map(str, args)], check=True, env=env, timeout=600)

@@ -159,18 +159,12 @@ class _Inst:
 @pytest.mark.slow
 def test_two_process_evaluation_matches_one_process(trained, tasks, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
-    script = str(tests / "dist_eval.py")
+    from conftest import run_script
+
     two, one = tmp_path / "two.json", tmp_path / "one.json"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    subprocess.run([*launch, script, trained, str(tasks), str(two)], check=True, env=env, timeout=600)
-    subprocess.run([sys.executable, script, trained, str(tasks), str(one)], check=True, env=env, timeout=600)
+    run_script("dist_eval.py", trained, tasks, two, processes=2)
+    run_script("dist_eval.py", trained, tasks, one)
     a, b = json.loads(two.read_text()), json.loads(one.read_text())
     assert (a["world_size"], b["world_size"]) == (2, 1)  # the requests really were split over two ranks
     a, b = a["results"], b["results"]

@@ -85,22 +85,17 @@ def test_rl_recipe_errors_name_the_fix(sft, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["trajectory", "coupled", "one_step"])
 def test_two_process_rl_matches_one_process_with_the_same_global_batch(sft, tmp_path, estimator):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import torch
     from safetensors.torch import load_file
 
-    tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
-    script = str(tests / "dist_rl.py")
+    from conftest import run_script
+
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     # random masks (coupled, one_step) come from per-prompt-group generators and ignore padding width
-    subprocess.run([*launch, script, sft, str(two), "2", estimator], check=True, env=env, timeout=600)
-    subprocess.run([sys.executable, script, sft, str(one), "4", estimator], check=True, env=env, timeout=600)
+    run_script("dist_rl.py", sft, two, 2, estimator, processes=2)
+    run_script("dist_rl.py", sft, one, 4, estimator)
     a, b = load_file(two / "weights.safetensors"), load_file(one / "weights.safetensors")
     initial = load_file(Path(sft) / "final" / "model.safetensors")
     assert any(not torch.equal(b[k], initial[k]) for k in initial)  # the run did update the model

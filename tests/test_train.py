@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import tiny_recipe
+from conftest import run_script, tiny_recipe
 from dlm.cli import main as cli_main
 from dlm.config import ConfigError
 from dlm.train.checkpoint import list_checkpoints
@@ -196,33 +195,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     cfg = tiny_recipe(tmp_path, sample={"num_samples": 0})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    script = str(TESTS / "dist_train.py")
     two, one = tmp_path / "two", tmp_path / "one"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            script,
-            str(recipe),
-            f"train.output_dir={two}",
-            "train.micro_batch_size=2",
-        ],
-        check=True,
-        env=env,
-        timeout=300,
-        capture_output=True,
-    )
-    subprocess.run(
-        [sys.executable, script, str(recipe), f"train.output_dir={one}", "train.micro_batch_size=4"],
-        check=True,
-        env=env,
-        timeout=300,
-        capture_output=True,
-    )
+    run_script("dist_train.py", recipe, f"train.output_dir={two}", "train.micro_batch_size=2", processes=2)
+    run_script("dist_train.py", recipe, f"train.output_dir={one}", "train.micro_batch_size=4")
     r0, r1, single = (
         load_file(p) for p in (two / "rank0.safetensors", two / "rank1.safetensors", one / "rank0.safetensors")
     )
