@@ -250,3 +250,19 @@ def test_random_rows_are_new_per_inner_update_and_do_not_depend_on_left_padding(
         assert torch.equal(narrow_rows.inputs, wide_rows.inputs[:, 2:]) and torch.equal(
             narrow_rows.weights, wide_rows.weights[:, 2:]
         )
+
+
+def test_step_normalisation_counts_each_decoding_step_once():
+    # rollout 0 decoded two tokens at step 0 and one at step 1; rollout 1 one token per step
+    step_map = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, -1]])
+    mask = step_map >= 0
+    new = torch.zeros(2, 4, requires_grad=True)
+    res = policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="step", step_map=step_map)
+    res.loss.backward()
+    # four (rollout, step) pairs weigh 1/4 each; the two tokens of one step share their pair's weight
+    expected = torch.tensor([[0.0, -0.125, -0.125, -0.25], [0.0, 0.25, 0.25, 0.0]])
+    torch.testing.assert_close(new.grad, expected)
+    token = policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="token")
+    assert token.loss.item() == pytest.approx(-1 / 5)  # (-3 + 2) / 5 tokens
+    with pytest.raises(ValueError, match="norm='step' needs the rollouts' step_map"):
+        policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="step")

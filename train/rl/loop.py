@@ -44,7 +44,7 @@ from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
 from dlm.train.loop import param_groups, resolve_resume, warmup_cosine
 from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, concat_rows, token_logprobs
-from dlm.train.rl.loss import group_advantages, policy_loss
+from dlm.train.rl.loss import NORMS, group_advantages, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, resolve
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class RLConfig:
     drop_zero_variance: bool = True
     inner_updates: int = 1
     norm: str = "token"
+    """Loss normalisation: token, sequence (length), step (each decoding step counts once) or none."""
     row_batch_size: int = 32
     eval_every: int = 10
     eval_prompts: int = 32
@@ -104,6 +105,8 @@ class RLConfig:
                 f"rl.group_size={self.group_size}: group-relative advantages need at least 2 completions per "
                 "prompt (a group of 1 gives no signal)"
             )
+        if self.norm not in NORMS:
+            raise ConfigError(f"rl.norm={self.norm!r}; choose one of {', '.join(NORMS)}")
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"rl.estimator={self.estimator!r}; choose one of {', '.join(ESTIMATORS.names())}")
         for name in ("prompts_per_step", "inner_updates", "shrink", "row_batch_size", "eval_every", "eval_prompts"):
@@ -388,6 +391,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
                     refs[k],
                     cfg.rl.beta,
                     cfg.rl.norm,
+                    r.step_map,
                 )
                 acc.backward(res.loss)
                 average_gradients(plain, world)

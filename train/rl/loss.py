@@ -39,6 +39,9 @@ class PolicyLoss:
     ratio_mean: float
 
 
+NORMS = ("token", "sequence", "step", "none")
+
+
 def policy_loss(
     logp_new: Tensor,
     logp_old: Tensor,
@@ -49,15 +52,20 @@ def policy_loss(
     logp_ref: Tensor | None = None,
     beta: float = 0.0,
     norm: str = "token",
+    step_map: Tensor | None = None,
 ) -> PolicyLoss:
     """Per-token PPO clip ``−min(ρA, clip(ρ, 1−ε_lo, 1+ε_hi)A)`` (+ ``β`` · k3 KL to a reference).
 
     ``logp_*`` and ``mask`` are ``[B, T]``; ``advantages`` is ``[B]`` (one per rollout).
-    ``norm``: ``token`` (mean over all tokens of the batch), ``sequence`` (mean per rollout, then
-    over rollouts), ``none`` (sum).
+    ``norm``: ``token`` (mean over all tokens of the batch), ``sequence`` (length normalisation:
+    mean per rollout, then over rollouts), ``step`` (mean over the tokens decoded at each decoding
+    step, then over all (rollout, step) pairs — a step that decoded many tokens in parallel counts
+    once; needs ``step_map``), ``none`` (sum).
     """
-    if norm not in ("token", "sequence", "none"):
-        raise ValueError(f"norm={norm!r}; choose token, sequence or none")
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}; choose one of {', '.join(NORMS)}")
+    if norm == "step" and step_map is None:
+        raise ValueError("norm='step' needs the rollouts' step_map")
     m = mask.float()
     ratio = torch.exp(logp_new - logp_old.detach())
     adv = advantages[:, None].to(ratio.dtype)
@@ -73,6 +81,15 @@ def policy_loss(
         loss = (per_token * m).sum() / m.sum().clamp(min=1)
     elif norm == "sequence":
         loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    elif norm == "step":
+        steps = int(step_map.max()) + 2
+        key = (torch.arange(len(m), device=m.device)[:, None] * steps + step_map.clamp(min=-1) + 1)[mask.bool()]
+        sums = torch.zeros(len(m) * steps, device=m.device, dtype=per_token.dtype).index_add(
+            0, key, per_token[mask.bool()]
+        )
+        counts = torch.zeros(len(m) * steps, device=m.device).index_add(0, key, torch.ones_like(key, dtype=torch.float))
+        used = counts > 0
+        loss = (sums[used] / counts[used]).mean() if bool(used.any()) else per_token.sum() * 0
     else:
         loss = (per_token * m).sum()
     with torch.no_grad():
