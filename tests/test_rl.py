@@ -266,3 +266,14 @@ def test_step_normalisation_counts_each_decoding_step_once():
     assert token.loss.item() == pytest.approx(-1 / 5)  # (-3 + 2) / 5 tokens
     with pytest.raises(ValueError, match="norm='step' needs the rollouts' step_map"):
         policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="step")
+
+
+def test_tokens_after_the_first_eos_can_be_left_out_of_the_loss():
+    from dlm.train.rl.loop import after_first_eos
+
+    tokens = torch.tensor([[5, 5, 7, 2, 9, 2, 2], [5, 5, 7, 8, 9, 6, 4], [5, 2, 2, 3, 4, 5, 6]])
+    # prompt of 2 columns; EOS = 2: row 0 keeps up to its EOS at column 3; row 1 has none; the
+    # prompt's own 2 in row 2 does not count
+    expected = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(after_first_eos(tokens, 2, 2), expected)
+    assert not after_first_eos(tokens, 2, None).any()

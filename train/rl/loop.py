@@ -88,6 +88,9 @@ class RLConfig:
     scale_std: bool = False
     drop_zero_variance: bool = True
     inner_updates: int = 1
+    loss_after_eos: bool = True
+    """Train the tokens decoded after a completion's first EOS too (they are part of the decoding
+    trajectory). ``false`` drops them from the loss, as GRPO implementations for LLaDA (d1) do."""
     norm: str = "token"
     """Loss normalisation: token, sequence (length), step (each decoding step counts once) or none."""
     row_batch_size: int = 32
@@ -208,6 +211,17 @@ def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int
         sum(o.model_calls for o in outs),
         outs[0].prompt_length,
     )
+
+
+def after_first_eos(tokens: torch.Tensor, prompt_length: int, eos_id: int | None) -> torch.Tensor:
+    """``[B, T]``: completion positions after the first EOS of each row (the EOS itself excluded)."""
+    out = torch.zeros_like(tokens, dtype=torch.bool)
+    if eos_id is None:
+        return out
+    is_eos = tokens[:, prompt_length:] == eos_id
+    seen = is_eos.long().cumsum(1)
+    out[:, prompt_length:] = (seen > 1) | ((seen == 1) & ~is_eos)
+    return out
 
 
 def keep_until(path: Path, step: int) -> None:
@@ -361,6 +375,8 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         full_pad = torch.cat([pad, torch.ones_like(rollout.generated)], dim=1)
         r = Rollouts(rollout.tokens, rollout.step_map, rollout.prompt_length, full_pad)
         trainable = r.trainable & keep[:, None].to(r.tokens.device)
+        if not cfg.rl.loss_after_eos:
+            trainable &= ~after_first_eos(r.tokens, r.prompt_length, tok.eos_token_id)
         stats = {"clip_fraction": 0.0, "kl": 0.0, "loss": 0.0}
         if bool(trainable.any()):
             block = block_causal_size(plain)
