@@ -25,6 +25,7 @@ its own name (``countdown``, ``mini_sudoku``, ``basic_arithmetic``, ...; ``pip i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 import string
@@ -60,6 +61,7 @@ def _repeat_score(example: dict[str, str], completion: str) -> float:
 TASKS.register("repeat")(Task(_repeat, _repeat_score, {"period": 16, "repeats": 16}))
 
 
+@functools.cache
 def reasoning_gym_names() -> list[str]:
     """The reasoning-gym dataset names, or [] when reasoning-gym is not installed."""
     try:

@@ -142,7 +142,7 @@ def _trackers(names: list[str]) -> list[str]:
         return []
 
 
-def _trim_log(path: Path, step: int) -> None:
+def trim_log(path: Path, step: int) -> None:
     """On resume, drop log records written after the checkpoint's step."""
     if not path.is_file():
         return
@@ -224,7 +224,7 @@ def main(cfg: RecipeConfig) -> TrainResult:
         state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler, ema)
         start_step, last_good = state["step"], resume_from
         if accelerator.is_main_process:
-            _trim_log(log_path, start_step)
+            trim_log(log_path, start_step)
         log.info("resumed from %s at step %d", resume_from, start_step)
     elif accelerator.is_main_process and log_path.exists():
         log_path.unlink()

@@ -42,7 +42,7 @@ from dlm.decode.blocks import block_causal_size
 from dlm.tasks import generate
 from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
-from dlm.train.loop import param_groups, resolve_resume, warmup_cosine
+from dlm.train.loop import param_groups, resolve_resume, trim_log, warmup_cosine
 from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, concat_rows, token_logprobs
 from dlm.train.rl.loss import NORMS, group_advantages, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, resolve
@@ -191,6 +191,11 @@ def held_out_reward(model, tok, cfg: RLRecipe, device, settings: dict[str, Any])
     return sum(total) / len(total)
 
 
+def group_generator(*key: int) -> torch.Generator:
+    """A generator seeded by integers only (their tuple hash is the same in every process)."""
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int, n: int):
     """Decode ``n`` prompt groups of ``group_size`` rows, group ``j`` with a generator seeded by
     ``(seed, step, first + j)``; returns one DecodeOutput-like batch."""
@@ -199,7 +204,7 @@ def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int
     G = cfg.rl.group_size
     outs = []
     for j in range(n):
-        g = torch.Generator().manual_seed(hash((cfg.seed, step, first + j)) & 0x7FFF_FFFF_FFFF_FFFF)
+        g = group_generator(cfg.seed, step, first + j)
         rows = slice(j * G, (j + 1) * G)
         outs.append(decoder(model, ids[rows], attention_mask=pad[rows], generator=g))
     cat = lambda name: torch.cat([getattr(o, name) for o in outs])  # noqa: E731
@@ -222,15 +227,6 @@ def after_first_eos(tokens: torch.Tensor, prompt_length: int, eos_id: int | None
     seen = is_eos.long().cumsum(1)
     out[:, prompt_length:] = (seen > 1) | ((seen == 1) & ~is_eos)
     return out
-
-
-def keep_until(path: Path, step: int) -> None:
-    """Drop a JSONL file's records after ``step`` (all of them for a fresh run): a resumed run
-    rewrites what follows its checkpoint."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step] if step else []
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def save_rollouts(path: Path, step: int, first: int, examples, texts, rollout, rewards, parts, cfg: RLRecipe) -> None:
@@ -263,7 +259,7 @@ def make_rows(cfg: RLRecipe, r: Rollouts, mask_id: int, block, step: int, first:
     G = cfg.rl.group_size
     parts = []
     for j in range(n):
-        g = torch.Generator().manual_seed(hash((cfg.seed, step, first + j, inner, 1)) & 0x7FFF_FFFF_FFFF_FFFF)
+        g = group_generator(cfg.seed, step, first + j, inner, 1)
         parts.append(
             build_rows(name, r.select(slice(j * G, (j + 1) * G)), mask_id, generator=g, block_size=block, **kw)
         )
@@ -342,9 +338,12 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
     start = 0
     if resume_from is not None:
         start = load_checkpoint(acc, resume_from, model, optimizer, scheduler, None)["step"]
-    if acc.is_main_process:
-        keep_until(log_path, start)
-    keep_until(rollouts_path, start)  # each process keeps its own rollouts
+    # a resumed run rewrites what follows its checkpoint; a fresh run starts both files anew
+    for path in [rollouts_path] + ([log_path] if acc.is_main_process else []):  # each process: its rollouts
+        if start:
+            trim_log(path, start)
+        else:
+            path.unlink(missing_ok=True)
     decoder = make_decoder(decode_settings)
     history: list[dict] = []
 
