@@ -39,6 +39,12 @@ def bd3lm(q_idx: Tensor, kv_idx: Tensor, seq_len: int, block_size: int) -> Tenso
     return block_diagonal | offset_block_causal | clean_block_causal
 
 
+def bd3lm_matrix(seq_len: int, block_size: int, device=None) -> Tensor:
+    """The ``[2L, 2L]`` BD3-LM mask over ``[z_t ⊕ x]`` (training, and RL rows of block-causal models)."""
+    idx = torch.arange(2 * seq_len, device=device)
+    return bd3lm(idx[:, None], idx[None, :], seq_len, block_size)
+
+
 def structural_mask(mode: str, q_idx: Tensor, kv_idx: Tensor, block_size: int | None) -> Tensor | None:
     """The mask of an attention mode over index tensors, or None when everything is visible."""
     if mode == "bidirectional":

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from dlm.config import ConfigError
-from dlm.model.masks import bd3lm
+from dlm.model.masks import bd3lm_matrix
 from dlm.schedules import build_schedule, sample_times
 from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, subs_log_probs
 
@@ -31,9 +31,8 @@ MAX_RESAMPLE_ROUNDS = 200
 def bd3lm_inputs(x0_BL: Tensor, zt_BL: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """``[z_t ⊕ x]`` ``[B, 2L]``, its positions ``[B, 2L]`` and attention mask ``[1, 1, 2L, 2L]``."""
     B, L = x0_BL.shape
-    idx = torch.arange(2 * L, device=x0_BL.device)
-    mask = bd3lm(idx[:, None], idx[None, :], L, block_size)[None, None]
-    positions = (idx % L).expand(B, -1)
+    mask = bd3lm_matrix(L, block_size, x0_BL.device)[None, None]
+    positions = (torch.arange(2 * L, device=x0_BL.device) % L).expand(B, -1)
     return torch.cat([zt_BL, x0_BL], dim=1), positions, mask
 
 

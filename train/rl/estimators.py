@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dlm.model.masks import bd3lm
+from dlm.model.masks import bd3lm_matrix
 from dlm.registry import Registry
 from dlm.train.objectives import logits_of, subs_log_probs
 
@@ -146,10 +146,10 @@ def _blockwise(step_map: Tensor, block_size: int) -> bool:
 def _paired_trajectory_rows(tokens, step_map, fill, r: Rollouts, mask_id, shrink, block_size, offset) -> Rows:
     B, L = tokens.shape
     clean = tokens.masked_fill(fill, mask_id)
+    block_of = torch.arange(L, device=tokens.device) // block_size
     inputs, targets, owner = [], [], []
     for b in range(B):
         # rank of each token's step within its own block, then its group of `shrink`
-        block_of = torch.arange(L, device=tokens.device) // block_size
         group = torch.full((L,), -1, dtype=torch.long, device=tokens.device)
         for j in torch.unique(block_of[step_map[b] >= 0]).tolist():
             cols = (block_of == j) & (step_map[b] >= 0)
@@ -216,9 +216,10 @@ def _layout(inputs, targets, weights, owner, r: Rollouts, mask_id: int, block_si
     offset = (-r.prompt_length) % block_size
     left = lambda v, x: torch.cat([v.new_full((offset,), x), v])  # noqa: E731
     inputs = [torch.cat([left(x, mask_id), left(c, mask_id)]) for x, c in zip(inputs, clean)]
-    targets = [torch.cat([left(t, False), torch.zeros_like(left(t, False))]) for t in targets]
+    noisy_half = lambda v, x: torch.cat([left(v, x), torch.zeros_like(left(v, x))])  # noqa: E731  (clean half unscored)
+    targets = [noisy_half(t, False) for t in targets]
     if weights is not None:
-        weights = [torch.cat([left(w, 0.0), torch.zeros_like(left(w, 0.0))]) for w in weights]
+        weights = [noisy_half(w, 0.0) for w in weights]
     return _rows(inputs, targets, weights, owner, r, offset=offset, paired=True, block_size=block_size)
 
 
@@ -271,8 +272,7 @@ def token_logprobs(model: nn.Module, r: Rollouts, rows: Rows, mask_id: int, batc
         pad = torch.cat([pad.new_zeros((B, rows.offset)), pad], 1)
     L = tokens.shape[1]
     if rows.paired:
-        idx = torch.arange(2 * L, device=tokens.device)
-        structure = bd3lm(idx[:, None], idx[None, :], L, rows.block_size)
+        structure = bd3lm_matrix(L, rows.block_size, tokens.device)
         tokens = torch.cat([tokens, tokens], 1)
     for start in range(0, rows.inputs.shape[0], batch_size):
         sl = slice(start, start + batch_size)
