@@ -117,3 +117,14 @@ def test_llada_recipe_switches_task_and_its_reward_follows():
     fields = {"entry": [e["entry"] for e in examples]}
     right = [f"<answer>{e['answer']}</answer>" for e in examples]
     assert combine(dict(cfg.rl.rewards), [e["prompt"] for e in examples], right, **fields)[0] == [1.0, 1.0]
+
+
+def test_math_equiv_compares_the_boxed_or_last_tagged_answer_mathematically():
+    completions = [
+        "so the result is \\boxed{\\frac{1}{2}}",  # equal to 0.5 as a number
+        "<answer>3</answer> no wait <answer>0.5</answer>",  # the last tag counts
+        "<answer>0.25</answer>",
+        "1/2",  # no tag, no box: the whole completion
+    ]
+    got = combine({"math_equiv": 1.0}, ["p"] * 4, completions, answer=["0.5"] * 4)[0]
+    assert got == [1.0, 1.0, 0.0, 1.0]

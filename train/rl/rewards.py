@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from dlm.registry import Registry, close_matches
 from dlm.tasks import ANSWER_TAGS as TAGS
-from dlm.tasks import is_reasoning_gym, reasoning_gym_names
+from dlm.tasks import extract_answer, is_reasoning_gym, reasoning_gym_names
 from dlm.tasks import score as task_score
 
 RewardFn = Callable[..., list[float]]
@@ -83,28 +83,28 @@ def math_equiv_reward(prompts, completions, answer=None, **_):
         raise RewardError('reward "math_equiv" needs math-verify: pip install "dlm[rl]"') from exc
     out = []
     for a, c in zip(answer, completions):
-        tagged = TAGS.search(c)
-        got = boxed_content(c) or (tagged.group(1) if tagged else c)
+        got = boxed_content(c) or extract_answer(c)
         out.append(float(bool(verify(parse(f"${a}$"), parse(f"${got}$")))))
     return out
 
 
-@REWARDS.register("reasoning_gym")
-def reasoning_gym_reward(prompts, completions, entry=None, **_):
-    """Each reasoning-gym ``entry``'s own scorer (by its ``source_dataset``)."""
-    if entry is None:
-        raise RewardError('reward "reasoning_gym" needs the examples\' "entry" field: use a reasoning-gym rl.task')
-    return [task_score(e["metadata"]["source_dataset"], {"entry": e}, c) for e, c in zip(entry, completions)]
+def reasoning_gym_reward_for(name: str | None) -> RewardFn:
+    """The reward of reasoning-gym dataset ``name``; ``None`` scores each entry with the scorer of
+    the dataset that made it (``source_dataset``: composite datasets)."""
+    label = name or "reasoning_gym"
 
-
-def reasoning_gym_reward_for(name: str) -> RewardFn:
     def reward(prompts, completions, entry=None, **_):
         if entry is None:
-            raise RewardError(f'reward {name!r} needs the examples\' "entry" field: use rl.task: {name}')
-        return [task_score(name, {"entry": e}, c) for e, c in zip(entry, completions)]
+            raise RewardError(f'reward {label!r} needs the examples\' "entry" field: use a reasoning-gym rl.task')
+        return [
+            task_score(name or e["metadata"]["source_dataset"], {"entry": e}, c) for e, c in zip(entry, completions)
+        ]
 
-    reward.__name__ = f"reasoning_gym_{name}"
+    reward.__name__ = f"reasoning_gym_{name}" if name else "reasoning_gym"
     return reward
+
+
+REWARDS.register("reasoning_gym")(reasoning_gym_reward_for(None))
 
 
 def resolve(name: str) -> RewardFn:
