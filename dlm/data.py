@@ -197,7 +197,7 @@ def prompt_token_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]
     a model is prompted the way it was trained."""
     if tok.chat_template:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return tok("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
 
 
@@ -210,6 +210,15 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
         if q:
             ids[row, width - len(q) :], mask[row, width - len(q) :] = torch.tensor(q), 1
     return ids, mask
+
+
+def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], system_prompt: str = "") -> tuple[Tensor, Tensor]:
+    """Task prompts as a left-padded batch, formatted as SFT rows format them (chat template when
+    the tokenizer has one, after an optional system message): what RL rollouts and task
+    benchmarks feed the decoders."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    seqs = [prompt_token_ids(tok, [*system, {"role": "user", "content": p}]) for p in prompts]
+    return left_pad(seqs, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
 def chat_row(

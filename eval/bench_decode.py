@@ -168,12 +168,12 @@ def parse_task_args(text: str | None) -> dict:
 
 def task_prompts(args, tok, batch: int):
     """Left-padded prompts of held-out task examples (seed 1; training uses seed 0) and the examples."""
+    from dlm.data import encode_prompts
     from dlm.tasks import generate
 
     examples = generate(args.task, batch, seed=1, **parse_task_args(args.task_args))
-    tok.padding_side = "left"
-    enc = tok([e["prompt"] for e in examples], add_special_tokens=False, padding=True, return_tensors="pt")
-    return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device), examples
+    ids, mask = encode_prompts(tok, [e["prompt"] for e in examples])  # as the task model was SFT'd
+    return ids.to(args.device), mask.to(args.device), examples
 
 
 def main(args) -> int:

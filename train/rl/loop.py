@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from dlm.config import ConfigError, to_dict
-from dlm.data import left_pad, prompt_token_ids
+from dlm.data import encode_prompts
 from dlm.decode import build_decoder
 from dlm.decode.blocks import block_causal_size
 from dlm.tasks import generate
@@ -151,15 +151,6 @@ def make_decoder(settings: dict[str, Any], greedy: bool = False):
         raise ConfigError(f"decode: {exc}") from None
 
 
-def encode_prompts(tok, prompts: list[str], device, system_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt batch, formatted as in SFT (chat template when the tokenizer has one)."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    seqs = [prompt_token_ids(tok, [*system, {"role": "user", "content": p}]) for p in prompts]
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, mask = left_pad(seqs, pad_id)
-    return ids.to(device), mask.to(device)
-
-
 def completions_of(tok, generated: torch.Tensor) -> tuple[list[str], list[int]]:
     texts, lengths = [], []
     for row in generated.tolist():
@@ -183,7 +174,7 @@ def held_out_reward(model, tok, cfg: RLRecipe, device, settings: dict[str, Any])
     total = []
     for start in range(0, len(examples), 16):
         chunk = examples[start : start + 16]
-        ids, pad = encode_prompts(tok, [e["prompt"] for e in chunk], device, cfg.rl.system_prompt)
+        ids, pad = (t.to(device) for t in encode_prompts(tok, [e["prompt"] for e in chunk], cfg.rl.system_prompt))
         out = decoder(model, ids, attention_mask=pad)
         texts, _ = completions_of(tok, out.generated)
         values, _ = combine(dict(cfg.rl.rewards), [e["prompt"] for e in chunk], texts, **fields_of(chunk))
@@ -362,12 +353,13 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         mine = examples[rank * n : (rank + 1) * n]
         expanded = [e for e in mine for _ in range(cfg.rl.group_size)]
         group = torch.arange(n).repeat_interleave(cfg.rl.group_size)
-        ids, pad = encode_prompts(tok, [e["prompt"] for e in expanded], acc.device, cfg.rl.system_prompt)
+        prompts = [e["prompt"] for e in expanded]
+        ids, pad = (t.to(acc.device) for t in encode_prompts(tok, prompts, cfg.rl.system_prompt))
         plain.eval()
         with torch.no_grad():  # one generator per prompt group: N processes sample what one process would
             rollout = decode_groups(decoder, plain, ids, pad, cfg, step, rank * n, n)
         texts, lengths = completions_of(tok, rollout.generated)
-        rewards, parts = combine(dict(cfg.rl.rewards), [e["prompt"] for e in expanded], texts, **fields_of(expanded))
+        rewards, parts = combine(dict(cfg.rl.rewards), prompts, texts, **fields_of(expanded))
         reward_t = torch.tensor(rewards)
         adv, zero = group_advantages(reward_t, group, cfg.rl.scale_std)
         keep = ~zero if cfg.rl.drop_zero_variance else torch.ones_like(zero)
