@@ -12,8 +12,11 @@ counts each row's evaluations honestly, applies SUBS (the mask token gets probab
 classifier-free guidance (the unconditional branch masks the prompt; LLaDA's
 ``l_u + (s + 1)(l_c − l_u)``).
 
-After each block, rows that produced EOS (or meet the ``stop`` criterion) are finished: the
-rest of their generation is filled with EOS and receives no further computation.
+After each block, rows that produced EOS (or meet the ``stop`` criterion) are finished and
+receive no further computation. The decoding history stays as it happened: ``DecodeOutput.canvas``,
+``step_map`` and ``logprobs`` keep every decoded token (those after the first EOS too) and leave
+never-decoded positions masked; only the text view ``DecodeOutput.tokens`` is filled with EOS after
+a finished row's first EOS.
 """
 
 from __future__ import annotations
@@ -281,6 +284,7 @@ def _strip_columns(out: DecodeOutput, n: int) -> DecodeOutput:
         out.prompt_length - n,
         [h[:, n:] for h in out.history],
         None if out.times is None else out.times[:, n:],
+        canvas=out.canvas[:, n:],
     )
 
 
@@ -339,11 +343,10 @@ def _run_blocks(
             if cfg.record_history:
                 history.append(x.clone())
         finished |= _finished_rows(x[:, P:end], eos if cfg.stop_at_eos else None, cfg.stop)
-        if eos is not None and bool(finished.any()):
-            _fill_after_eos(x, step_map, logprobs, P, finished, eos, mask_id)
         if bool(finished.all()):
             break
-    return DecodeOutput(x, step_map, logprobs, logits.nfe, logits.calls, P, history, times)
+    tokens = x if eos is None else _fill_after_eos(x, P, finished, eos, mask_id)
+    return DecodeOutput(tokens, step_map, logprobs, logits.nfe, logits.calls, P, history, times, canvas=x)
 
 
 def _finished_rows(generated: Tensor, eos: int | None, stop: Callable[[Tensor], Tensor] | None) -> Tensor:
@@ -355,14 +358,12 @@ def _finished_rows(generated: Tensor, eos: int | None, stop: Callable[[Tensor], 
     return done
 
 
-def _fill_after_eos(
-    x: Tensor, step_map: Tensor, logprobs: Tensor, P: int, finished: Tensor, eos: int, mask_id: int
-) -> None:
-    """Finished rows: everything after their first EOS (or still masked) becomes EOS, not decoded."""
-    gen = x[:, P:]
+def _fill_after_eos(x: Tensor, P: int, finished: Tensor, eos: int, mask_id: int) -> Tensor:
+    """The text view of canvas ``x``: in finished rows everything after the first EOS (or never
+    decoded) reads EOS. ``x`` itself, with ``step_map`` and ``logprobs``, keeps what was decoded."""
+    tokens = x.clone()
+    gen = tokens[:, P:]
     is_eos = gen == eos
     after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
-    fill = finished[:, None] & (after | (gen == mask_id))
-    gen[fill] = eos
-    step_map[:, P:][fill] = -1
-    logprobs[:, P:][fill] = 0.0
+    gen[finished[:, None] & (after | (gen == mask_id))] = eos
+    return tokens

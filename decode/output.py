@@ -10,10 +10,21 @@ from torch import Tensor, nn
 
 @dataclass
 class DecodeOutput:
+    """What a decoder produced, in two views of the canvas.
+
+    ``tokens`` is the *text* view: prompt followed by the generation, and in a row that finished
+    at an EOS every position after that first EOS reads EOS, whether it was decoded (a block is
+    finished as a whole, so tokens after the EOS in its block were decoded too) or never reached.
+    ``canvas`` is the *history* view that ``step_map`` and ``logprobs`` describe: every decoded
+    token at the value it was decoded with, including those after the first EOS, and the mask
+    token at positions that were never decoded. RL rebuilds the states the model saw from
+    ``canvas`` and ``step_map``; text, rewards and lm-eval read ``tokens``.
+    """
+
     tokens: Tensor
-    """[B, P + G] prompt followed by the generation."""
+    """[B, P + G] prompt followed by the generation (EOS after a finished row's first EOS)."""
     step_map: Tensor
-    """[B, P + G] step at which each position was decoded; -1 for prompt, padding and EOS fill."""
+    """[B, P + G] step at which each position was decoded; -1 for prompt, padding and never-decoded positions."""
     logprobs: Tensor
     """[B, P + G] float64 log-probability each token had when it was decoded; 0 elsewhere."""
     nfe: Tensor
@@ -25,6 +36,13 @@ class DecodeOutput:
     """Canvas after each step (when recorded), for replaying the unmasking order."""
     times: Tensor | None = None
     """[B, P + G] float64 diffusion time at which each position was unmasked (first-hitting sampler)."""
+    canvas: Tensor | None = None
+    """[B, P + G] decoded values and the mask token where never decoded; None (the default) means
+    the same as ``tokens`` (a decoder that never fills), and is replaced by ``tokens``."""
+
+    def __post_init__(self):
+        if self.canvas is None:
+            self.canvas = self.tokens
 
     @property
     def generated(self) -> Tensor:

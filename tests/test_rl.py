@@ -277,3 +277,66 @@ def test_tokens_after_the_first_eos_can_be_left_out_of_the_loss():
     expected = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(after_first_eos(tokens, 2, 2), expected)
     assert not after_first_eos(tokens, 2, None).any()
+
+
+def eos_rollouts(name, cache, block_causal, **kw):
+    """Rollouts in which most completions contain EOS: a sharpened tiny model (final norm × 16)
+    whose most frequently sampled token is made the EOS token."""
+    blocks = dict(attention_mode="block_causal", block_size=4) if block_causal else {}
+    model = tiny_model(seed=4 if block_causal else 2, **blocks)
+    with torch.no_grad():
+        model.norm.weight.mul_(16.0)
+    prompt = torch.randint(0, 63, (8, 5), generator=torch.Generator().manual_seed(1))
+    pad = torch.ones_like(prompt)
+    pad[1, :2] = 0  # ragged, left-padded
+    settings = dict(gen_length=16, block_length=4, temperature=1.0, cache=cache, **kw)
+    plain = build_decoder(name, eos_token_id=None, **settings)(model, prompt, attention_mask=pad)
+    eos = int(torch.bincount(plain.generated.flatten(), minlength=64).argmax())
+    out = build_decoder(name, eos_token_id=eos, **settings)(
+        model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0)
+    )
+    full_pad = torch.cat([pad, torch.ones(8, 16, dtype=torch.long)], dim=1)
+    return model, out, eos, Rollouts(out.canvas, out.step_map, out.prompt_length, full_pad)
+
+
+@pytest.mark.parametrize(
+    "name, kw", [("confidence", {"steps": 16}), ("ancestral", {"steps": 8}), ("first_hitting", {})]
+)
+@pytest.mark.parametrize(
+    "cache, block_causal", [("none", False), ("none", True), ("dual", True), ("exact", True), ("prefix", True)]
+)
+def test_rows_reproduce_the_decoding_of_completions_with_eos(name, kw, cache, block_causal):
+    model, out, eos, r = eos_rollouts(name, cache, block_causal, **kw)
+    P, gen = out.prompt_length, out.canvas[:, out.prompt_length :]
+    finished = (out.generated == eos).any(1)
+    assert finished.sum() >= 5  # EOS in most rollouts
+    after = torch.zeros_like(r.trainable)
+    after[:, P:] = (gen == eos).long().cumsum(1) - (gen == eos).long() > 0
+    assert (r.trainable & after).any()  # tokens were decoded after a first EOS: the case under test
+    # text view: EOS after the first EOS of a finished row; elsewhere the decoded canvas
+    assert (out.tokens[after & finished[:, None]] == eos).all()
+    assert torch.equal(out.tokens[~after], out.canvas[~after])
+    never = ~r.trainable
+    never[:, :P] = False
+    assert (out.canvas[never] == MASK).all() and (out.logprobs[never] == 0).all()
+    block = 4 if block_causal else None
+    rows = build_rows("trajectory", r, MASK, shrink=1, block_size=block)
+    with torch.no_grad():
+        logp = token_logprobs(model, r, rows, MASK)
+    torch.testing.assert_close(logp[r.trainable].double(), out.logprobs[r.trainable], atol=1e-4, rtol=1e-4)
+    # one-step and coupled rows: targets are the decoded tokens, inputs show them as decoded, and
+    # positions never decoded stay masked (noisy and clean halves alike)
+    for estimator in ("one_step", "coupled"):
+        rows = build_rows(estimator, r, MASK, generator=torch.Generator().manual_seed(3), block_size=block)
+        T, off = r.tokens.shape[1], rows.offset
+        halves = [rows.inputs[:, off : off + T]] + ([rows.inputs[:, 2 * off + T :]] if rows.paired else [])
+        owned = r.tokens[rows.owner]
+        per_rollout = torch.zeros_like(r.step_map).index_add_(0, rows.owner, rows.targets[:, off : off + T].long())
+        assert torch.equal(per_rollout, r.trainable.long())  # every decoded token scored exactly once
+        for half in halves:
+            shown = half != MASK
+            assert torch.equal(half[shown], owned[shown])
+            assert (half[never[rows.owner]] == MASK).all()
+        with torch.no_grad():
+            lp = token_logprobs(model, r, rows, MASK)
+        assert torch.isfinite(lp).all() and (lp[r.trainable] < 0).all()

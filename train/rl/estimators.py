@@ -1,7 +1,8 @@
 """Log-probabilities of a rollout's tokens, estimated from *rows* (SPEC §6).
 
-A rollout is the canvas ``tokens [B, T]`` (prompt ⊕ completion), its ``step_map [B, T]`` (the
-decoding step of each completion token; −1 for prompt, padding and EOS fill) and the padding
+A rollout is the decoded canvas ``tokens [B, T]`` (prompt ⊕ completion as the decoder left it:
+``DecodeOutput.canvas``, not the EOS-filled text view), its ``step_map [B, T]`` (the decoding step
+of each completion token; −1 for prompt, padding and positions never decoded) and the padding
 mask. Every estimator turns rollouts into rows of one shape:
 
 * ``inputs [R, T]`` — a masked copy of one rollout's canvas,
@@ -22,8 +23,9 @@ and :func:`token_logprobs` runs the rows (batched) and sums ``weight · log p`` 
   completion at rate ``t`` and its complement: two rows that partition the completion, weights
   ``1/t`` and ``1/(1 − t)``.
 
-Positions filled with EOS after a finished row (step_map −1) are treated as masked in every
-trajectory state and are never targets.
+Completion positions a finished row never decoded (step_map −1) were masked at every step the
+model saw, so they are masked in every state and are never targets. Tokens decoded after a
+completion's first EOS keep their decoded values and steps, as the model saw them.
 
 Block-causal models (BD3-LM, ``block_size`` given): the decoder left-pads each prompt so the
 generation starts on a model-block boundary, and the rows do the same (``Rows.offset``) so every
@@ -85,7 +87,7 @@ ESTIMATORS: Registry = Registry("log-prob estimator")
 
 
 def _completion_unfinished(r: Rollouts) -> Tensor:
-    """Completion positions that were never decoded (EOS fill): masked in every state."""
+    """Completion positions that were never decoded (a finished row): masked in every state."""
     comp = torch.zeros_like(r.trainable)
     comp[:, r.prompt_length :] = True
     return comp & ~r.trainable

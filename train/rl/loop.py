@@ -206,6 +206,7 @@ def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int
         cat("nfe"),
         sum(o.model_calls for o in outs),
         outs[0].prompt_length,
+        canvas=cat("canvas"),
     )
 
 
@@ -232,7 +233,7 @@ def save_rollouts(path: Path, step: int, first: int, examples, texts, rollout, r
                 "completion": text,
                 "reward": rewards[i],
                 "rewards": {k: v[i] for k, v in parts.items()},
-                "tokens": rollout.tokens[i, P:].tolist(),
+                "tokens": rollout.canvas[i, P:].tolist(),  # as decoded (mask id where never decoded)
                 "step_map": rollout.step_map[i, P:].tolist(),
                 "logprobs": [round(x, 6) for x in rollout.logprobs[i, P:].tolist()],
                 "decoder": cfg.decode,
@@ -364,7 +365,8 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         adv, zero = group_advantages(reward_t, group, cfg.rl.scale_std)
         keep = ~zero if cfg.rl.drop_zero_variance else torch.ones_like(zero)
         full_pad = torch.cat([pad, torch.ones_like(rollout.generated)], dim=1)
-        r = Rollouts(rollout.tokens, rollout.step_map, rollout.prompt_length, full_pad)
+        # rows rebuild the states the model saw: the decoded canvas, not the EOS-filled text view
+        r = Rollouts(rollout.canvas, rollout.step_map, rollout.prompt_length, full_pad)
         trainable = r.trainable & keep[:, None].to(r.tokens.device)
         if not cfg.rl.loss_after_eos:
             trainable &= ~after_first_eos(r.tokens, r.prompt_length, tok.eos_token_id)
