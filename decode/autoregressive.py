@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, model_logits
 from dlm.decode.sampling import sample_categorical
+from dlm.model.modeling import is_shifted
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,11 @@ class AutoregressiveDecoder:
             x = torch.full((B, 1), 0 if eos is None else int(eos), dtype=torch.long, device=prompt_ids.device)
         start = x.shape[1]
         lps = []
+        shifted = is_shifted(model)  # the next token's logits sit one column further: feed a placeholder
         for _ in range(self.gen_length):
-            pad = left_pad_mask(prompt_ids, attention_mask, x.shape[1] - P) if P else None
-            logits = model_logits(model, x, pad)[:, -1]
+            feed = torch.cat([x, x[:, -1:]], dim=1) if shifted else x
+            pad = left_pad_mask(prompt_ids, attention_mask, feed.shape[1] - P) if P else None
+            logits = model_logits(model, feed, pad)[:, -1]
             tok, lp = sample_categorical(logits, self.temperature, generator)
             x = torch.cat([x, tok[:, None].to(x.dtype)], dim=1)
             lps.append(lp)

@@ -21,6 +21,10 @@ ones, whatever order tokens are fed in).
 
 ``prefix``, ``dual`` and ``delayed`` approximate a bidirectional model (cached K/V were computed
 against an older canvas); the decode benchmark reports the quality they keep.
+
+A shifted model (``config.logits_shift``: column ``c``'s logits come from hidden state ``c − 1``)
+needs the column before each scored one in the same call: contiguous calls start one column
+early, and the delayed cache feeds the predecessor of every masked block column too.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.model.cache import KVCache
+from dlm.model.modeling import is_shifted
 
 CACHES = ("none", "exact", "prefix", "dual", "delayed")
 
@@ -79,6 +84,7 @@ class Runner:
 
     def __init__(self, model: nn.Module, block_only: bool, mask_id: int):
         self.model, self.block_only, self.mask_id = model, block_only, mask_id
+        self.shifted = is_shifted(model)
 
     def reset(self) -> None:
         pass
@@ -97,8 +103,11 @@ class Runner:
     def fed(
         self, x: Tensor, pad: Tensor | None, cache: KVCache | None, lo: int, hi: int, start: int, end: int
     ) -> Tensor:
-        """Feed the contiguous columns ``[lo, hi)`` (``lo <= start``, ``end <= hi``), over ``cache`` if given."""
+        """Feed the contiguous columns ``[lo, hi)`` (``lo <= start``, ``end <= hi``), over ``cache`` if given;
+        a shifted model is also fed column ``start − 1``, whose hidden state scores column ``start``."""
         B = x.shape[0]
+        if self.shifted and lo == start > 0:
+            lo = start - 1
         wanted = x[:, start:end] == self.mask_id  # policies read logits of masked columns only
         keep = torch.zeros(B, hi - lo, dtype=torch.bool, device=x.device)
         keep[:, start - lo : end - lo] = wanted
@@ -147,6 +156,8 @@ class DelayedRunner(Runner):
         if self.seen is None:
             self.seen = torch.full_like(x, -1)
         stale = (x != self.seen) | (x == self.mask_id)
+        if self.shifted and start > 0:  # each masked block column's logits come from the column before
+            stale[:, start - 1 : end - 1] |= x[:, start:end] == self.mask_id
         if pad is not None:
             stale &= pad.bool()  # padding is never attended to: nothing to recompute
         refresh = new_block or self.since_refresh >= self.refresh_every

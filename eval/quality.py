@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.eval.likelihood import Request, elbo
-from dlm.train.objectives import logits_of
+from dlm.train.objectives import is_shifted, logits_of, next_token_logits
 
 
 def is_causal(model: nn.Module) -> bool:
@@ -47,7 +47,8 @@ def causal_nll(model: nn.Module, rows: list[list[int]], batch_size: int = 8) -> 
         ids, pad = ids.to(device), pad.to(device)
         kwargs = {"attn_mode": "causal"} if dlm_model else {"attention_mask": pad}
         logits = logits_of(model(input_ids=ids, **kwargs)).float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logp = torch.log_softmax(next_token_logits(logits, is_shifted(model)), dim=-1)
+        logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         keep = pad[:, 1:].bool()
         total -= float(logp[keep].double().sum())
         count += int(keep.sum())

@@ -11,8 +11,11 @@ from conftest import tiny_model
 from dlm.decode import build_decoder
 
 
-def block_model(block: int = 4):
-    return tiny_model(attention_mode="block_causal", block_size=block)
+def block_model(block: int = 4, shift: bool = False):
+    return tiny_model(attention_mode="block_causal", block_size=block, logits_shift=shift)
+
+
+SHIFT = pytest.mark.parametrize("shift", [False, True], ids=["unshifted", "shifted"])  # logits_shift (Dream, A2D)
 
 
 class Counting(nn.Module):
@@ -38,8 +41,9 @@ class Counting(nn.Module):
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3])
-def test_exact_cache_equals_no_cache(name, kw, batch):
-    model = block_model(4)
+@SHIFT
+def test_exact_cache_equals_no_cache(name, kw, batch, shift):
+    model = block_model(4, shift)
     torch.manual_seed(batch)
     prompt = torch.randint(0, 63, (batch, 6))
     pad = torch.ones(batch, 6, dtype=torch.long)
@@ -167,8 +171,11 @@ def decode_pair(model, name, kw, caches, batch, **settings):
 
 @pytest.mark.parametrize("name, kw", DECODERS)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_prefix_cache_on_a_block_causal_model_equals_exact(name, kw, batch):
-    none, exact, prefix = decode_pair(block_model(4), name, kw, [("none", {}), ("exact", {}), ("prefix", {})], batch)
+@SHIFT
+def test_prefix_cache_on_a_block_causal_model_equals_exact(name, kw, batch, shift):
+    none, exact, prefix = decode_pair(
+        block_model(4, shift), name, kw, [("none", {}), ("exact", {}), ("prefix", {})], batch
+    )
     assert torch.equal(prefix.tokens, exact.tokens) and torch.equal(prefix.tokens, none.tokens)
     assert torch.equal(prefix.step_map, none.step_map)
     torch.testing.assert_close(prefix.logprobs, none.logprobs, atol=1e-4, rtol=1e-4)
@@ -176,8 +183,11 @@ def test_prefix_cache_on_a_block_causal_model_equals_exact(name, kw, batch):
 
 @pytest.mark.parametrize("name, kw", DECODERS)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_delayed_cache_with_refresh_every_call_equals_no_cache(name, kw, batch):
-    none, delayed = decode_pair(tiny_model(), name, kw, [("none", {}), ("delayed", {"refresh_every": 1})], batch)
+@SHIFT
+def test_delayed_cache_with_refresh_every_call_equals_no_cache(name, kw, batch, shift):
+    none, delayed = decode_pair(
+        tiny_model(logits_shift=shift), name, kw, [("none", {}), ("delayed", {"refresh_every": 1})], batch
+    )
     assert torch.equal(delayed.tokens, none.tokens)
     assert torch.equal(delayed.step_map, none.step_map)
     torch.testing.assert_close(delayed.logprobs, none.logprobs, atol=1e-4, rtol=1e-4)
@@ -198,8 +208,9 @@ def test_one_step_per_block_makes_every_call_a_refresh(cache):
 
 
 @pytest.mark.parametrize("cache, extra", [("prefix", {}), ("dual", {}), ("delayed", {"refresh_every": 3})])
-def test_approximate_caches_decode_each_row_of_a_ragged_batch_as_alone(cache, extra):
-    model = tiny_model()
+@SHIFT
+def test_approximate_caches_decode_each_row_of_a_ragged_batch_as_alone(cache, extra, shift):
+    model = tiny_model(logits_shift=shift)
     prompt, pad = ragged(3)
     settings = dict(gen_length=16, steps=16, block_length=4, eos_token_id=None, temperature=0.0, cache=cache, **extra)
     batched = build_decoder("confidence", **settings)(model, prompt, attention_mask=pad)
@@ -211,10 +222,11 @@ def test_approximate_caches_decode_each_row_of_a_ragged_batch_as_alone(cache, ex
 
 @pytest.mark.parametrize("cache", ["prefix", "dual", "delayed"])
 @pytest.mark.parametrize("block_causal", [False, True])
-def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal):
+@SHIFT
+def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal, shift):
     from dlm.decode.caches import make_runner
 
-    model = block_model(4) if block_causal else tiny_model()
+    model = block_model(4, shift) if block_causal else tiny_model(logits_shift=shift)
     prompt, pad = ragged(3)
     x = torch.cat([prompt, torch.full((3, 12), 63)], dim=1)
     x[:, 8:10] = torch.randint(0, 63, (3, 2))  # some decoded tokens in the block [8, 12)

@@ -94,15 +94,55 @@ def test_bd3lm_mask_runs_through_the_model(model):
 
 
 @pytest.mark.parametrize("mode", ["bidirectional", "causal", "block_causal"])
-def test_eager_reference_matches_sdpa_with_padding_and_gqa(mode):
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@torch.no_grad()  # flex attention has no CPU backward
+def test_eager_reference_matches_the_attention_interface_with_padding_and_gqa(mode, backend):
     model = tiny_model(num_attention_heads=4, num_key_value_heads=2)
     x = torch.randint(0, 63, (3, 10))
     pad = torch.ones(3, 10, dtype=torch.long)
     pad[1, :3] = 0
     pad[2, :6] = 0
-    sdpa = model(x, attention_mask=pad, attn_mode=mode, block_size=4).logits
+    fast = set_backend(model, backend)(x, attention_mask=pad, attn_mode=mode, block_size=4).logits
     eager = set_backend(model, "eager")(x, attention_mask=pad, attn_mode=mode, block_size=4).logits
-    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, eager, atol=1e-5, rtol=1e-5)
+    if backend == "flex":  # the BD3-LM [z ⊕ x] mask as a block-sparse flex mask
+        L = 8
+        idx = torch.arange(2 * L)
+        bd3 = masks.bd3lm(idx[:, None], idx[None, :], L, 4)[None, None]
+        pos = (idx % L).expand(2, -1)
+        y = torch.randint(0, 63, (2, 2 * L))
+        flex = set_backend(model, "flex")(y, attention_mask=bd3, position_ids=pos).logits
+        eager = set_backend(model, "eager")(y, attention_mask=bd3, position_ids=pos).logits
+        torch.testing.assert_close(flex, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_takes_flash_attention_only_for_patterns_without_a_mask(monkeypatch):
+    """The GPU dispatch, checked on CPU: a recording stand-in for transformers' flash-attn function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import dlm.model.modeling as modeling
+
+    calls = []
+
+    def fake_flash(module, q, k, v, mask, **kw):
+        calls.append((mask is None, kw["is_causal"]))
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, **kw)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", fake_flash)
+    monkeypatch.setattr(modeling, "flash_available", lambda device, dtype: True)
+    model = tiny_model()
+    x = torch.randint(0, 63, (2, 8))
+    pad = torch.ones(2, 8, dtype=torch.long)
+    pad[1, :2] = 0
+    ref = set_backend(tiny_model(), "eager")(x, attn_mode="causal").logits
+    torch.testing.assert_close(model(x, attn_mode="causal").logits, ref, atol=1e-5, rtol=1e-5)
+    assert calls == [(True, True)] * 2  # both layers, maskless and causal
+    calls.clear()
+    model(x, attention_mask=pad)  # padding needs a mask tensor: SDPA
+    model(x, attn_mode="block_causal", block_size=4)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="attn_backend='flash' needs flash-attn installed"):
+        set_backend(model, "flash")(x, attention_mask=pad)
 
 
 @pytest.mark.parametrize("mode", ["bidirectional", "causal"])
@@ -171,7 +211,7 @@ def test_rope_linear_scaling_interpolates_positions():
     p = torch.arange(0, 20, 2)[None]
     torch.testing.assert_close(scaled(p)[0], plain(p // 2)[0])
     ntk = tiny_model(rope_scaling_type="ntk", rope_scaling_factor=4.0).rotary
-    assert ntk.inv_freq()[-1] < plain.inv_freq()[-1]  # a larger base stretches the low frequencies
+    assert ntk.inv_freq()[0][-1] < plain.inv_freq()[0][-1]  # a larger base stretches the low frequencies
 
 
 def test_input_longer_than_context_is_an_error(model):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 ATTENTION_MODES = ("bidirectional", "causal", "block_causal")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "eager")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex", "eager")
 ROPE_SCALING_TYPES = ("linear", "ntk")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # rope_config (transformers')
 
 
 class DLMConfig(PretrainedConfig):
@@ -35,8 +36,25 @@ class DLMConfig(PretrainedConfig):
         attention_mode: str = "bidirectional",
         block_size: int | None = None,
         attn_backend: str = "auto",
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: bool = False,
+        rope_config: dict | None = None,
+        logits_shift: bool = False,
         **kwargs,
     ):
+        """Fields beyond the Llama core, each off by default (they let converted checkpoints run):
+
+        * ``qkv_bias`` — biases on the query/key/value projections (Qwen2, Dream);
+        * ``o_bias`` — a bias on the attention output projection (Llama with ``attention_bias``);
+        * ``qk_norm`` — RMSNorm over each head's queries and keys before RoPE (Qwen3, SDAR);
+        * ``rope_config`` — a transformers RoPE parameter dict (``{"rope_type": "yarn" | "llama3" |
+          "dynamic" | "linear", ...}``), computed by ``transformers.modeling_rope_utils``;
+          None keeps dlm's own ``rope_scaling_type`` / ``rope_scaling_factor``;
+        * ``logits_shift`` — the model returns at position ``i`` the distribution of token ``i``
+          computed from hidden state ``i − 1`` (Dream, AR checkpoints adapted to diffusion); position
+          0, which has no predecessor, reuses its own hidden state (Dream's choice).
+        """
         if num_key_value_heads is None:
             num_key_value_heads = num_attention_heads
         if head_dim is None:
@@ -63,6 +81,10 @@ class DLMConfig(PretrainedConfig):
             raise ValueError(f"rope_scaling_type={rope_scaling_type!r}; choose one of {ROPE_SCALING_TYPES}")
         if rope_scaling_factor < 1.0:
             raise ValueError(f"rope_scaling_factor={rope_scaling_factor} must be >= 1 (1 = no scaling)")
+        if rope_config is not None:
+            rope_type = rope_config.get("rope_type", rope_config.get("type"))
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"rope_config rope_type={rope_type!r}; choose one of {ROPE_TYPES}")
         if mask_token_id is not None and not 0 <= mask_token_id < vocab_size:
             raise ValueError(f"mask_token_id={mask_token_id} is outside the vocabulary [0, {vocab_size})")
         self.vocab_size = vocab_size
@@ -82,4 +104,9 @@ class DLMConfig(PretrainedConfig):
         self.attention_mode = attention_mode
         self.block_size = block_size
         self.attn_backend = attn_backend
+        self.qkv_bias = qkv_bias
+        self.o_bias = o_bias
+        self.qk_norm = qk_norm
+        self.rope_config = rope_config
+        self.logits_shift = logits_shift
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -45,6 +45,19 @@ def bd3lm_matrix(seq_len: int, block_size: int, device=None) -> Tensor:
     return bd3lm(idx[:, None], idx[None, :], seq_len, block_size)
 
 
+def bd3lm_logits_from(seq_len: int, block_size: int, device=None) -> Tensor:
+    """``[2L]``: for a shifted model (``logits_shift``) over ``[z_t ⊕ x]``, the column whose hidden
+    state gives each position's logits. Inside a block the previous noisy token, as at decoding
+    time; the first token of block ``b > 0`` reads the *clean* last token of block ``b − 1`` (what
+    the decoder holds there); position 0 of each half reads itself."""
+    idx = torch.arange(2 * seq_len, device=device)
+    src = (idx - 1).clamp(min=0)
+    src[seq_len] = seq_len
+    starts = torch.arange(block_size, seq_len, block_size, device=device)
+    src[starts] = seq_len + starts - 1
+    return src
+
+
 def structural_mask(mode: str, q_idx: Tensor, kv_idx: Tensor, block_size: int | None) -> Tensor | None:
     """The mask of an attention mode over index tensors, or None when everything is visible."""
     if mode == "bidirectional":

@@ -12,9 +12,9 @@ RoPE positions counted from each row's first real token, so a padded row compute
 row alone would. ``cache`` (a :class:`~dlm.model.cache.KVCache`) with ``cache_slots`` feeds
 only some canvas columns; see ``cache.py``.
 
-Attention runs through PyTorch SDPA by default, flash-attn when it is installed, the tensors
-are on CUDA in half precision and the pattern needs no explicit mask, and an eager reference
-implementation for tests.
+Attention runs through transformers' attention interface: SDPA by default, flash-attn 2 when it
+is installed, the tensors are on CUDA in half precision and the pattern needs no explicit mask,
+flex attention (a block-sparse mask) on request, and an eager reference implementation for tests.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ from dlm.model.cache import KVCache
 from dlm.model.configuration import DLMConfig
 from dlm.model.masks import structural_mask
 
-try:  # optional GPU kernel
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
-
 
 @dataclass
 class DLMOutput(ModelOutput):
@@ -51,32 +46,95 @@ class AttentionSpec:
     mask: Tensor | None  # [B, 1, Tq, Tk] bool, or None
     is_causal: bool
     slots: Tensor | None  # [B, T] cache slots of the fed tokens, when a cache is used
+    block_mask: object | None = None  # the same pattern as a flex-attention BlockMask (attn_backend="flex")
 
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None and device.type == "cuda" and dtype in HALF
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, backend: str) -> Tensor:
-    """Scaled dot-product attention over ``[B, H, T, D]`` tensors (``k``, ``v`` may have fewer heads)."""
-    groups = q.shape[1] // k.shape[1]
-    if backend in ("auto", "flash") and spec.mask is None and flash_available(q.device, q.dtype):
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=spec.is_causal)
-        return out.transpose(1, 2)
-    if backend == "flash":
-        raise RuntimeError(
-            "attn_backend='flash' needs flash-attn installed, CUDA tensors in fp16/bf16 and a pattern without "
-            "an explicit mask (bidirectional or causal, no padding, no cache); use attn_backend='auto'"
-        )
+HALF = (torch.float16, torch.bfloat16)
+#: dlm's ``attn_backend`` -> the name of the function in transformers' attention interface
+INTERFACE = {"sdpa": "sdpa", "flash": "flash_attention_2", "flex": "flex_attention"}
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, backend: str, module: nn.Module) -> Tensor:
+    """Scaled dot-product attention over ``[B, H, T, D]`` tensors (``k``, ``v`` may have fewer heads),
+    returning ``[B, T, H, D]``.
+
+    ``sdpa``, ``flash`` (flash-attn 2) and ``flex`` run transformers' attention-interface functions
+    (``transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS``); ``auto`` takes flash-attn when it is
+    installed, the tensors are CUDA fp16/bf16 and the pattern needs no mask tensor (bidirectional or
+    causal, no padding, no cache), else SDPA. ``eager`` is dlm's reference. What the interface cannot
+    express is kept here: the mask of cache slots and of ``[z_t ⊕ x]`` rows is passed to SDPA / flex as
+    an explicit boolean mask (flex turns it into a block-sparse ``BlockMask``, built once per forward).
+    """
     if backend == "eager":
+        groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if spec.is_causal:
             spec = AttentionSpec(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(), False, None)
         if spec.mask is not None:
             scores = scores.masked_fill(~spec.mask, float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.mask, is_causal=spec.is_causal, enable_gqa=groups > 1)
+        return (torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v).transpose(1, 2)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    maskless = spec.mask is None
+    if backend == "auto":
+        backend = "flash" if maskless and flash_available(q.device, q.dtype) else "sdpa"
+    if backend == "flash" and not (maskless and flash_available(q.device, q.dtype)):
+        raise RuntimeError(
+            "attn_backend='flash' needs flash-attn installed, CUDA tensors in fp16/bf16 and a pattern without "
+            "an explicit mask (bidirectional or causal, no padding, no cache); use attn_backend='auto'"
+        )
+    if backend == "flex" and q.device.type == "cpu":
+        # transformers compiles flex attention; torch 2.13's CPU inductor fails to build some of these masks'
+        # kernels, so on CPU (tests) the same BlockMask runs through flex attention uncompiled
+        import warnings
+
+        from torch.nn.attention.flex_attention import flex_attention
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = flex_attention(q, k, v, block_mask=spec.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
+    mask = spec.block_mask if backend == "flex" and spec.block_mask is not None else spec.mask
+    out, _ = ALL_ATTENTION_FUNCTIONS[INTERFACE[backend]](
+        module, q, k, v, mask, dropout=0.0, scaling=1.0 / math.sqrt(q.shape[-1]), is_causal=spec.is_causal
+    )
+    return out
+
+
+def flex_block_mask(mask: Tensor | None, is_causal: bool, q_len: int, kv_len: int, device: torch.device):
+    """A flex-attention ``BlockMask`` of a boolean ``[B|1, 1, Tq, Tk]`` mask (or the causal pattern)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if mask is None and not is_causal:
+        return None
+    if mask is None:
+        return create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, q_len, kv_len, device=device)
+    mask = mask.expand(-1, -1, q_len, kv_len)  # key-only (padding) masks broadcast over the queries
+    batch = mask.shape[0]
+    rows = (lambda b: b) if batch > 1 else (lambda b: 0)
+    return create_block_mask(
+        lambda b, h, qi, ki: mask[rows(b), 0, qi, ki], batch if batch > 1 else None, None, q_len, kv_len, device=device
+    )
+
+
+def is_shifted(model: nn.Module) -> bool:
+    """The model returns at position ``i`` the distribution of token ``i`` computed from hidden
+    state ``i − 1`` (``config.logits_shift``: Dream, converted and adapted AR checkpoints)."""
+    return bool(getattr(getattr(model, "config", None), "logits_shift", False))
+
+
+def next_token_logits(logits_BTV: Tensor, shifted: bool) -> Tensor:
+    """``[B, T − 1, V]``: the causal model's distributions of tokens ``1..T−1`` given their prefixes.
+    An unshifted causal model predicts token ``i + 1`` at position ``i``; a shifted one already
+    returns token ``i``'s distribution at ``i``."""
+    return logits_BTV[:, 1:] if shifted else logits_BTV[:, :-1]
 
 
 class RMSNorm(nn.Module):
@@ -92,8 +150,11 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE with context extension: ``linear`` divides positions by the factor (position
-    interpolation); ``ntk`` raises the base to ``theta · factor^(d/(d-2))``.
+    """RoPE. dlm's own context extension: ``linear`` divides positions by the factor (position
+    interpolation); ``ntk`` raises the base to ``theta · factor^(d/(d-2))``. With ``rope_config``
+    (converted checkpoints) the frequencies and the cos/sin scaling come from
+    ``transformers.modeling_rope_utils`` (linear, dynamic NTK, yarn, llama3, longrope), exactly as
+    the source model computes them.
 
     The frequencies are computed per call rather than kept as a buffer: a non-persistent
     buffer is not restored when transformers materialises a model from the meta device.
@@ -103,19 +164,53 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         dim, base = config.head_dim, config.rope_theta
         factor = config.rope_scaling_factor
-        if config.rope_scaling_type == "ntk" and factor > 1:
+        if config.rope_scaling_type == "ntk" and factor > 1 and config.rope_config is None:
             base = base * factor ** (dim / (dim - 2))
         self.dim, self.base = dim, base
         self.position_scale = 1.0 / factor if config.rope_scaling_type == "linear" else 1.0
+        self.hf_config = None
+        if config.rope_config is not None:
+            params = dict(config.rope_config)
+            params["rope_type"] = params.pop("type", params.get("rope_type"))
+            self.position_scale = 1.0
+            if params["rope_type"] != "default":
+                self.hf_config = _rope_shim(config, params)
 
-    def inv_freq(self, device: torch.device | None = None) -> Tensor:
-        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
+    def inv_freq(self, device: torch.device | None = None, seq_len: int | None = None) -> tuple[Tensor, float]:
+        """Inverse frequencies ``[D/2]`` and the factor cos/sin are scaled by."""
+        if self.hf_config is not None:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            rope_type = self.hf_config.rope_parameters["rope_type"]
+            original = self.hf_config.rope_parameters.get("original_max_position_embeddings")
+            original = original or self.hf_config.max_position_embeddings
+            dynamic = rope_type == "dynamic" and seq_len is not None and seq_len > original
+            inv, scale = ROPE_INIT_FUNCTIONS[rope_type](self.hf_config, device, seq_len if dynamic else None)
+            return inv.float().to(device), float(scale)
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)), 1.0
 
     def forward(self, position_ids_BT: Tensor) -> tuple[Tensor, Tensor]:
-        inv_freq = self.inv_freq(position_ids_BT.device)
+        seq_len = int(position_ids_BT.max()) + 1 if self.hf_config is not None else None
+        inv_freq, scale = self.inv_freq(position_ids_BT.device, seq_len)
         angles = position_ids_BT.float()[..., None] * self.position_scale * inv_freq  # [B, T, D/2]
         emb = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, D]
+        if scale != 1.0:
+            return emb.cos() * scale, emb.sin() * scale
         return emb.cos(), emb.sin()
+
+
+def _rope_shim(config: DLMConfig, params: dict):
+    """A transformers config carrying exactly what its RoPE initialisers read (``max_position_embeddings``
+    is the pre-training context they scale from)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=params.get("original_max_position_embeddings", config.max_position_embeddings),
+        rope_parameters={**params, "rope_theta": config.rope_theta},
+    )
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -128,24 +223,33 @@ class Attention(nn.Module):
     def __init__(self, config: DLMConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        self.num_key_value_groups = self.n_heads // self.n_kv  # read by transformers' attention functions
+        self.is_causal = False  # the pattern comes with each call (AttentionSpec)
+        if config.qk_norm:  # per-head RMSNorm of queries and keys, before RoPE (Qwen3)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.backend = config.attn_backend
 
     def forward(
         self, h: Tensor, cos: Tensor, sin: Tensor, spec: AttentionSpec, cache: KVCache | None, layer: int
     ) -> Tensor:
         B, T, _ = h.shape
-        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(h).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, spec.slots)
-        out = attend(q, k, v, spec, self.backend)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = attend(q, k, v, spec, self.backend, self)  # [B, T, H, D]
+        return self.o_proj(out.reshape(B, T, -1))
 
 
 class SwiGLU(nn.Module):
@@ -176,12 +280,18 @@ class DLMPreTrainedModel(PreTrainedModel):
     config_class = DLMConfig
     base_model_prefix = "dlm"
     supports_gradient_checkpointing = True
+    # attention goes through transformers' attention interface (attn_backend: sdpa, flash, flex; eager)
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _no_split_modules = ["DecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
@@ -303,11 +413,18 @@ class DLMModel(DLMPreTrainedModel):
         attn_mode: str | None = None,
         block_size: int | None = None,
         output_mask: Tensor | None = None,
+        logits_from: Tensor | None = None,
         return_dict: bool = True,
         **unused,
     ) -> DLMOutput | tuple[Tensor]:
         """Logits ``[B, T, V]``; with ``output_mask`` ``[B, T]`` only the selected rows ``[N, V]``
-        (training objectives score only masked positions, saving the LM head elsewhere)."""
+        (training objectives score only masked positions, saving the LM head elsewhere).
+
+        With ``config.logits_shift`` the logits at ``i`` come from hidden state ``i − 1`` (0 from
+        itself); ``logits_from`` (``[T]`` or ``[B, T]`` indices) names another source column per
+        position, e.g. the clean half's previous token for the first position of a block in
+        ``[z_t ⊕ x]`` rows (:func:`dlm.model.masks.bd3lm_logits_from`). A cached call that feeds
+        columns ``[lo, hi)`` must feed the column before the first one whose logits it reads."""
         if unused:
             raise TypeError(f"DLMModel.forward got unexpected arguments: {', '.join(sorted(unused))}")
         B, T = input_ids.shape
@@ -327,6 +444,9 @@ class DLMModel(DLMPreTrainedModel):
         spec, default_positions = self.attention_spec(
             B, T, attention_mask, cache, cache_slots, attn_mode, block_size, input_ids.device
         )
+        if self.config.attn_backend == "flex":
+            kv_len = T if cache is None else cache.filled
+            spec.block_mask = flex_block_mask(spec.mask, spec.is_causal, T, kv_len, input_ids.device)
         cos, sin = self.rotary(default_positions if position_ids is None else position_ids)
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -335,6 +455,12 @@ class DLMModel(DLMPreTrainedModel):
             else:
                 h = layer(h, cos, sin, spec, cache, i)
         h = self.norm(h)
+        if self.config.logits_shift:
+            if logits_from is None:
+                h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+            else:
+                index = logits_from.expand(B, T) if logits_from.dim() == 1 else logits_from
+                h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
         if output_mask is not None:
             h = h[output_mask]
         logits = self.lm_head(h)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from dlm.model.modeling import is_shifted, next_token_logits  # noqa: F401  (re-exported for objectives)
 from dlm.registry import Registry
 
 
@@ -70,3 +71,13 @@ def subs_log_probs(logits: Tensor, mask_token_id: int) -> Tensor:
 
 def logits_of(output: Any) -> Tensor:
     return output.logits if hasattr(output, "logits") else output
+
+
+def paired_logits_from(model: torch.nn.Module, seq_len: int, block_size: int, device) -> dict[str, Tensor]:
+    """Forward kwargs for ``[z_t ⊕ x]`` rows: a shifted model reads each block's first logits from
+    the clean previous token (:func:`dlm.model.masks.bd3lm_logits_from`); others need nothing."""
+    if not is_shifted(model):
+        return {}
+    from dlm.model.masks import bd3lm_logits_from
+
+    return {"logits_from": bd3lm_logits_from(seq_len, block_size, device)}

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of
+from dlm.train.objectives import OBJECTIVES, LossOutput, is_shifted, logits_of, next_token_logits
 
 
-def next_token_nll(logits_BLV: Tensor, x_BL: Tensor) -> Tensor:
-    """``[B, L-1]`` NLL of token l+1 given tokens ≤ l."""
-    logp = torch.log_softmax(logits_BLV[:, :-1].float(), dim=-1)
+def next_token_nll(logits_BLV: Tensor, x_BL: Tensor, shifted: bool = False) -> Tensor:
+    """``[B, L-1]`` NLL of token l+1 given tokens ≤ l (``shifted``: the model's logits at l+1 hold it)."""
+    logp = torch.log_softmax(next_token_logits(logits_BLV, shifted).float(), dim=-1)
     return -logp.gather(-1, x_BL[:, 1:, None]).squeeze(-1)
 
 
@@ -39,7 +39,7 @@ class ARObjective:
         if "loss_mask" in batch:
             scored = batch["loss_mask"][:, 1:].bool()
         logits = logits_of(model(x, attn_mode="causal"))
-        nll = next_token_nll(logits, x)
+        nll = next_token_nll(logits, x, is_shifted(model))
         return LossOutput((nll * scored).sum(), scored.sum().float())
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from dlm.config import ConfigError
 from dlm.model.masks import bd3lm_matrix
 from dlm.schedules import build_schedule, sample_times
-from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, subs_log_probs
+from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, paired_logits_from, subs_log_probs
 
 MAX_RESAMPLE_ROUNDS = 200
 
@@ -114,7 +114,8 @@ class BD3LMObjective:
         zt = torch.where(masked, torch.full_like(x0, self.mask_token_id), x0)
         inputs, positions, attn = bd3lm_inputs(x0, zt, self.block_size)
         scored = torch.cat([masked, torch.zeros_like(masked)], dim=1)  # only the noisy half is scored
-        logits = logits_of(model(inputs, attention_mask=attn, position_ids=positions, output_mask=scored))
+        shift = paired_logits_from(model, L, self.block_size, x0.device)
+        logits = logits_of(model(inputs, attention_mask=attn, position_ids=positions, output_mask=scored, **shift))
         nll = -subs_log_probs(logits, self.mask_token_id).gather(-1, x0[masked][:, None]).squeeze(-1)
         weight = self.schedule.weight(t).repeat_interleave(self.block_size, dim=1)[masked]
         return LossOutput(

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from dlm.model.masks import bd3lm_matrix
 from dlm.registry import Registry
-from dlm.train.objectives import logits_of, subs_log_probs
+from dlm.train.objectives import logits_of, paired_logits_from, subs_log_probs
 
 
 @dataclass
@@ -286,6 +286,7 @@ def token_logprobs(model: nn.Module, r: Rollouts, rows: Rows, mask_id: int, batc
             kwargs = {
                 "attention_mask": structure[None, None] & torch.cat([p, p], 1)[:, None, None, :],
                 "position_ids": torch.cat([positions, positions], 1),
+                **paired_logits_from(model, L, rows.block_size, tokens.device),
             }
         if dlm_model:
             logits = logits_of(model(input_ids=x, output_mask=tgt, **kwargs))
