@@ -14,4 +14,13 @@ AutoConfig.register(DLMConfig.model_type, DLMConfig, exist_ok=True)
 AutoModel.register(DLMConfig, DLMModel, exist_ok=True)
 AutoModelForMaskedLM.register(DLMConfig, DLMModel, exist_ok=True)
 
-__all__ = ["DLMConfig", "DLMModel", "DLMOutput", "KVCache", "__version__"]
+
+def load(name_or_path, **kwargs):
+    """``(model, tokenizer, path)`` from a dlm checkpoint, a run directory, a checkpoint of a family
+    ``dlm convert`` knows, or a hub id; see :func:`dlm.loading.load`."""
+    from dlm.loading import load as _load
+
+    return _load(name_or_path, **kwargs)
+
+
+__all__ = ["DLMConfig", "DLMModel", "DLMOutput", "KVCache", "__version__", "load"]

@@ -8,6 +8,7 @@ dlm eval CHECKPOINT --tasks ...              lm-eval-harness tasks, scores + dec
 dlm ppl CHECKPOINT --data ... | --judge ...  perplexity bound on data; generative ppl + entropy
 dlm bench train [--hidden-size ...]          training step time, MDLM vs AR on one backbone
 dlm bench decode [--checkpoint PATH] ...     decoding throughput: decoders x caches x lengths x batch
+dlm convert SOURCE OUTPUT [--family ...]     LLaDA / Dream / SDAR / Llama / Qwen checkpoint -> dlm checkpoint
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -27,26 +27,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_checkpoint(path: str, allow_hub: bool = False) -> Path | str:
-    """A model directory: the path itself, or ``<run>/final`` / its newest checkpoint. With
-    ``allow_hub``, a name of the form ``org/name`` that is not a local path is returned as is
-    (a hub id for transformers to download)."""
-    from dlm.train.checkpoint import list_checkpoints
+def _convert(args: argparse.Namespace) -> int:
+    from dlm.model.convert import convert
 
-    root = Path(path).expanduser()
-    if (root / "config.json").is_file():
-        return root
-    if (root / "final" / "config.json").is_file():
-        return root / "final"
-    found = list_checkpoints(root)
-    if found:
-        return found[-1]
-    if allow_hub and not root.exists() and path.count("/") == 1:
-        return path
-    raise FileNotFoundError(
-        f"no dlm model at {path!r}: expected a directory with config.json, or a training "
-        "output_dir with final/ or checkpoint-<step>/ inside"
+    out = convert(
+        args.source,
+        args.output,
+        family=args.family,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        mask_token_id=args.mask_token_id,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        trust_remote_code=args.trust_remote_code,
     )
+    print(f"wrote {out}")
+    return 0
 
 
 DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
@@ -94,18 +89,15 @@ def decoder_settings(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
-    import dlm  # noqa: F401  (registers the Auto classes)
     from dlm.config import ConfigError
     from dlm.decode import build_decoder
     from dlm.decode.show import render_frames, replay
     from dlm.decode.stopping import StopStrings, cut_at_stop
+    from dlm.loading import load
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    tok = AutoTokenizer.from_pretrained(ckpt)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModel.from_pretrained(ckpt, dtype=dtype).to(args.device).eval()
+    model, tok, ckpt = load(args.checkpoint, dtype=dtype, device=args.device)
     prompts = list(args.prompt or [""])
     if args.prompt_file:
         prompts = [line.rstrip("\n") for line in open(args.prompt_file) if line.strip()]
@@ -363,6 +355,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cuda" if _cuda() else "cpu")
     b.add_argument("--json", help="write every figure here as JSON")
     b.set_defaults(func=_bench_decode)
+
+    p = sub.add_parser(
+        "convert", help="a published checkpoint (LLaDA, Dream, SDAR, Llama, Qwen2/3) as a dlm checkpoint"
+    )
+    p.add_argument("source", help="a checkpoint directory or a hub id (org/name)")
+    p.add_argument("output", help="the new dlm checkpoint directory (must not exist or be empty)")
+    p.add_argument("--family", default=None, help="llada, dream, sdar, llama, qwen2, qwen3 (default: from config.json)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the source's)")
+    p.add_argument("--block-size", type=int, default=None, help="SDAR block size (default: the config's, else 4)")
+    p.add_argument(
+        "--mask-token-id",
+        type=int,
+        default=None,
+        help="reuse this token as the mask (default: the config's / tokenizer's, else a new <|mask|>)",
+    )
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="size of each output safetensors shard (default 2)")
+    p.add_argument("--trust-remote-code", action="store_true", help="load the source tokenizer's own code")
+    p.set_defaults(func=_convert)
     return parser
 
 
@@ -378,6 +388,7 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     from dlm.config import ConfigError
     from dlm.data import DataError
+    from dlm.model.convert import ConvertError
     from dlm.tokenizer import TokenizerError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -386,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TokenizerError, FileNotFoundError) as exc:
+    except (ConfigError, ConvertError, DataError, TokenizerError, FileNotFoundError) as exc:
         print(f"dlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

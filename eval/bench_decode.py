@@ -39,14 +39,34 @@ class Shape:
     intermediate_size: int
     vocab_size: int
     num_key_value_heads: int | None = None
+    extra: tuple[tuple[str, object], ...] = ()
+    """Further DLMConfig fields (a published family's features: biases, QK-norm, shift, blocks)."""
+
+    def config(self, **fields) -> DLMConfig:
+        return DLMConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            **({"intermediate_size": self.intermediate_size} if self.intermediate_size else {}),
+            **{**dict(self.extra), **fields},
+        )
 
 
 SHAPES = {
     "tiny": Shape(128, 4, 4, 0, 32768),  # 0 = SwiGLU's default 8/3 expansion
     "small": Shape(256, 4, 4, 0, 32768),  # 11.6M
     "base": Shape(512, 8, 8, 0, 32768),  # 42.5M
-    "llada-8b": Shape(4096, 32, 32, 12288, 126464),  # LLaDA-8B's shape (8.0B)
-}
+    "llada-8b": Shape(4096, 32, 32, 12288, 126464, None, (("tie_word_embeddings", False),)),  # LLaDA-8B (8.0B)
+    "dream-7b": Shape(  # Dream-v0-7B (7.6B): Qwen2 layout, q/k/v biases, shifted logits
+        3584, 28, 28, 18944, 152064, 4, (("qkv_bias", True), ("logits_shift", True), ("tie_word_embeddings", False)),
+    ),
+    "sdar-8b": Shape(  # SDAR-8B-Chat (8.2B): Qwen3 layout, QK-norm, block-causal in blocks of 4
+        4096, 36, 32, 12288, 151936, 8, (("head_dim", 128), ("qk_norm", True), ("attention_mode", "block_causal"),
+                                         ("block_size", 4), ("tie_word_embeddings", False)),
+    ),
+}  # fmt: skip
 
 
 class TimedModel(nn.Module):
@@ -127,23 +147,13 @@ def load_model(args) -> tuple[nn.Module, object | None, str]:
     """The benchmarked model, its tokenizer (checkpoints only) and a one-line description."""
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     if args.checkpoint:
-        from transformers import AutoModel, AutoTokenizer
+        from dlm.loading import load
 
-        import dlm  # noqa: F401  (Auto classes)
-        from dlm.cli import resolve_checkpoint
-
-        path = resolve_checkpoint(args.checkpoint)
-        model = AutoModel.from_pretrained(path, dtype=dtype).to(args.device).eval()
-        return model, AutoTokenizer.from_pretrained(path), f"checkpoint {path}"
+        model, tok, path = load(args.checkpoint, dtype=dtype, device=args.device)
+        return model, tok, f"checkpoint {path}"
     shape = SHAPES[args.shape] if args.shape else Shape(args.hidden_size, args.layers, args.heads, 0, args.vocab_size)
     max_len = args.prompt_length + max(args.gen_lengths)
-    config = DLMConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        **({"intermediate_size": shape.intermediate_size} if shape.intermediate_size else {}),
+    config = shape.config(
         max_position_embeddings=max(1024, max_len),
         mask_token_id=shape.vocab_size - 1,
         **({"attention_mode": "block_causal", "block_size": args.model_block} if args.model_block else {}),

@@ -74,12 +74,8 @@ class DLMEvalModel(TemplateLM):
             )
         if pretrained is None:
             raise ValueError("model_args needs pretrained=PATH (a dlm model directory or training output_dir)")
-        from transformers import AutoModel, AutoTokenizer
+        from dlm.loading import load
 
-        import dlm  # noqa: F401  (Auto classes)
-        from dlm.cli import resolve_checkpoint
-
-        path = resolve_checkpoint(str(pretrained), allow_hub=True)
         remote = str(kwargs.get("trust_remote_code", False)).lower() in ("true", "1", "yes")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             str(kwargs.get("dtype", "float32"))
@@ -95,8 +91,9 @@ class DLMEvalModel(TemplateLM):
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             self.device_name = str(self.accelerator.device)
-        self.model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=remote).to(self.device_name).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+        self.model, self.tokenizer, path = load(
+            str(pretrained), dtype=dtype, device=self.device_name, trust_remote_code=remote
+        )
         self.path = str(path)
         config = self.model.config
         mask_id = kwargs.get("mask_token_id", getattr(config, "mask_token_id", None))

@@ -8,18 +8,13 @@ from pathlib import Path
 
 
 def _load(path: str, device: str, dtype):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """dlm and converted checkpoints through dlm's loader; any other causal LM (a judge) through transformers."""
+    from transformers import AutoModelForCausalLM
 
-    import dlm  # noqa: F401
-    from dlm.cli import resolve_checkpoint
+    from dlm.loading import load
 
-    where = resolve_checkpoint(path, allow_hub=True)
-    tok = AutoTokenizer.from_pretrained(where)
-    config_type = (
-        json.loads((Path(where) / "config.json").read_text()).get("model_type") if Path(where).is_dir() else None
-    )
-    loader = AutoModel if config_type == "dlm" else AutoModelForCausalLM
-    return loader.from_pretrained(where, dtype=dtype).to(device).eval(), tok, str(where)
+    model, tok, where = load(path, dtype=dtype, device=device, auto_class=AutoModelForCausalLM)
+    return model, tok, str(where)
 
 
 def main(args) -> int:

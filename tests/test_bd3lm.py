@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model, tiny_recipe
 from dlm.config import ConfigError, from_dict
 from dlm.train.config import RecipeConfig
-from dlm.train.objectives import build_objective, subs_log_probs
+from dlm.train.objectives import build_objective, paired_logits_from, subs_log_probs
 from dlm.train.objectives.bd3lm import bd3lm_inputs
 
 MASK = 63
@@ -14,7 +14,8 @@ MASK = 63
 
 def vectorised_logits(model, x0, zt, block):
     inputs, positions, attn = bd3lm_inputs(x0, zt, block)
-    return model(inputs, attention_mask=attn, position_ids=positions).logits[:, : x0.shape[1]]
+    shift = paired_logits_from(model, x0.shape[1], block, x0.device)  # a shifted model's block starts
+    return model(inputs, attention_mask=attn, position_ids=positions, **shift).logits[:, : x0.shape[1]]
 
 
 def per_block_logits(model, x0, zt, block):
@@ -28,8 +29,9 @@ def per_block_logits(model, x0, zt, block):
 
 
 @pytest.mark.parametrize("block", [1, 2, 4, 12])
-def test_vectorised_logits_equal_a_per_block_loop(block):
-    model = tiny_model()
+@pytest.mark.parametrize("shift", [False, True], ids=["unshifted", "shifted"])
+def test_vectorised_logits_equal_a_per_block_loop(block, shift):
+    model = tiny_model(logits_shift=shift)  # shifted: an AR checkpoint adapted to block diffusion
     x0 = torch.randint(0, MASK, (3, 12))
     zt = torch.where(torch.rand(3, 12) < 0.5, torch.full_like(x0, MASK), x0)
     torch.testing.assert_close(

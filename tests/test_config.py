@@ -83,6 +83,9 @@ def test_bundled_recipe_by_name():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_parses_and_builds_on_meta(recipe):
     cfg = load_recipe(recipe)
+    if cfg.model.init_from is not None:  # starts from a checkpoint made elsewhere (tests/test_convert.py runs A2D)
+        assert cfg.objective != "ar" and cfg.train.max_steps > 0
+        return
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size - 1)
     assert model.config.max_position_embeddings >= cfg.data.seq_len

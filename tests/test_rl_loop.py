@@ -229,3 +229,17 @@ def test_rl_compare_groups_seeds_into_one_row_and_one_curve(tmp_path):
     assert cli_main(["rl-compare", str(tmp_path / "b")]) == 0
     with pytest.raises(FileNotFoundError, match="has no log.jsonl: is it a dlm rl output_dir"):
         compare([str(tmp_path)], None)
+
+
+@pytest.mark.parametrize("family, estimator", [("dream", "trajectory"), ("sdar", "coupled")])
+def test_rl_runs_on_a_published_family_checkpoint_converted_on_the_fly(tmp_path, monkeypatch, family, estimator):
+    from references import write_checkpoint
+
+    monkeypatch.setenv("DLM_CACHE", str(tmp_path / "cache"))
+    write_checkpoint(family, tmp_path / family)  # Dream: shifted logits; SDAR: block-causal (blocks of 4)
+    cfg = to_dict(recipe(str(tmp_path / family), tmp_path / "rl"))
+    rl = {**cfg["rl"], "estimator": estimator, "rewards": {"tests_rewards:variety": 1.0}}
+    decode = {**cfg["decode"], "cache": "dual"}
+    result = main(from_dict(RLRecipe, {**cfg, "rl": rl, "decode": decode}))
+    assert [h["step"] for h in result["history"]] == [0, 1, 2]
+    assert result["model"].config.model_type == "dlm" and (tmp_path / "cache" / "converted").is_dir()

@@ -116,8 +116,8 @@ def test_missing_checkpoints_are_clear_errors(tmp_path):
     cfg = tiny_recipe(tmp_path, sample={"num_samples": 0}, train={"resume": str(tmp_path / "no-such-checkpoint")})
     with pytest.raises(ConfigError, match="no such checkpoint directory"):
         main(cfg)
-    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0}, model={"pretrained": str(tmp_path / "no-model")})
-    with pytest.raises(ConfigError, match="is not a checkpoint directory"):
+    cfg = tiny_recipe(tmp_path, sample={"num_samples": 0}, model={"init_from": str(tmp_path / "no-model")})
+    with pytest.raises(ConfigError, match="model.init_from: .*no-model"):
         main(cfg)
 
 
@@ -128,7 +128,7 @@ def test_pretrained_model_with_its_tokenizer_and_with_another_mask_token(tmp_pat
     final = str(first.output_dir / "final")
     ok = main(
         tiny_recipe(
-            tmp_path / "b", sample={"num_samples": 0}, tokenizer={"name_or_path": final}, model={"pretrained": final}
+            tmp_path / "b", sample={"num_samples": 0}, tokenizer={"name_or_path": final}, model={"init_from": final}
         )
     )  # continue training from the exported model
     assert ok.model.config.mask_token_id == first.model.config.mask_token_id
@@ -140,7 +140,7 @@ def test_pretrained_model_with_its_tokenizer_and_with_another_mask_token(tmp_pat
         tmp_path / "c",
         sample={"num_samples": 0},
         tokenizer={"name_or_path": str(tmp_path / "other-tok")},
-        model={"pretrained": final},
+        model={"init_from": final},
     )
     with pytest.raises(ConfigError, match="trained with mask_token_id=.* but the tokenizer's mask token is"):
         main(cfg)

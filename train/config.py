@@ -190,7 +190,7 @@ class RecipeConfig:
                 f"objective={self.objective!r}; known objectives: {', '.join(OBJECTIVES.names())}."
                 + close_matches(self.objective, OBJECTIVES.names())
             )
-        if self.model.pretrained is None and self.data.seq_len > self.model.max_position_embeddings:
+        if self.model.init_from is None and self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; lower data.seq_len or raise model.max_position_embeddings"

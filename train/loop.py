@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 
 from dlm.config import ConfigError, to_dict
 from dlm.data import build_data
-from dlm.model.build import build_model
+from dlm.model.build import build_model, init_checkpoint
 from dlm.train.checkpoint import export_final, list_checkpoints, load_checkpoint, save_checkpoint
 from dlm.train.config import RecipeConfig
 from dlm.train.ema import EMA
@@ -180,6 +180,8 @@ def main(cfg: RecipeConfig) -> TrainResult:
         tokenizer = None
         if resume_from is not None:
             tokenizer = AutoTokenizer.from_pretrained(resume_from)
+        elif cfg.model.init_from is not None and cfg.tokenizer.name_or_path is None:
+            tokenizer = AutoTokenizer.from_pretrained(init_checkpoint(cfg.model.init_from))  # the model's own
         elif not accelerator.is_main_process:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         data = build_data(cfg.data, cfg.tokenizer, cfg.seed, tokenizer=tokenizer)
@@ -208,7 +210,11 @@ def main(cfg: RecipeConfig) -> TrainResult:
         clip_high=cfg.diffusion.clip_high,
     )
     # the exported model decodes with the attention it was trained for
-    model.config.attention_mode, model.config.block_size = getattr(objective, "attention", ("bidirectional", None))
+    mode, block = getattr(objective, "attention", ("bidirectional", None))
+    if model.config.attention_mode == "causal" and mode != "causal" and not model.config.logits_shift:
+        # A2D: an AR checkpoint's head predicts token i + 1 from hidden state i; the adapted model keeps that
+        model.config.logits_shift = True
+    model.config.attention_mode, model.config.block_size = mode, block
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
     )

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from dlm.config import ConfigError, to_dict
 from dlm.data import encode_prompts
@@ -288,12 +288,10 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.seed)
     resume_from = resolve_resume(cfg.train.resume, out)
-    from dlm.cli import resolve_checkpoint
+    from dlm.loading import load as load_model
 
-    init = resolve_checkpoint(cfg.rl.init, allow_hub=True)
     load = {"dtype": getattr(torch, cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
-    tok = AutoTokenizer.from_pretrained(init, trust_remote_code=cfg.rl.trust_remote_code)
-    model = AutoModel.from_pretrained(init, **load)
+    model, tok, init = load_model(cfg.rl.init, **load)
     mask_id = cfg.rl.mask_token_id if cfg.rl.mask_token_id is not None else getattr(model.config, "mask_token_id", None)
     if mask_id is None:
         raise ConfigError(
