@@ -352,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the random model block-causal with this block size (BD3-LM decoding; needed for exact)",
     )
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    b.add_argument(
+        "--device",
+        default="cuda" if _cuda() else "cpu",
+        help="cpu, cuda, or meta: build --shape on the meta device and print its weight and KV-cache memory",
+    )
     b.add_argument("--json", help="write every figure here as JSON")
     b.set_defaults(func=_bench_decode)
 

@@ -186,10 +186,38 @@ def task_prompts(args, tok, batch: int):
     return ids.to(args.device), mask.to(args.device), examples
 
 
+def memory_plan(model: nn.Module, dtype: torch.dtype, batch_sizes: list[int], lengths: list[int]) -> list[dict]:
+    """Weights and KV-cache bytes of a model (built on the meta device: nothing is allocated).
+    The cache holds K and V for every layer and canvas column: 2 · layers · kv_heads · head_dim."""
+    cfg = model.config
+    size = torch.finfo(dtype).bits // 8
+    params = sum(p.numel() for p in model.parameters())
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size
+    return [
+        {"batch": b, "tokens": n, "params": params, "weights_gb": params * size / 2**30,
+         "kv_cache_gb": per_token * b * n / 2**30}
+        for b in batch_sizes
+        for n in lengths
+    ]  # fmt: skip
+
+
 def main(args) -> int:
     torch.manual_seed(0)
     args.gen_lengths = [int(g) for g in str(args.gen_lengths).split(",")]
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    if args.device == "meta":  # a memory plan of the shape, no timing
+        inner, _, what = load_model(args)
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        lengths = [args.prompt_length + g for g in args.gen_lengths]
+        plan = memory_plan(inner, dtype, batch_sizes, lengths)
+        print(f"dlm bench decode | {what} | {plan[0]['params'] / 1e9:.2f}B params | {args.dtype} | memory plan")
+        for row in plan:
+            print(f"batch {row['batch']:4d}  tokens {row['tokens']:6d}  weights {row['weights_gb']:7.2f} GiB  "
+                  f"KV cache {row['kv_cache_gb']:7.2f} GiB")  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"model": what, "dtype": args.dtype, "plan": plan}, fh, indent=2)
+        return 0
     inner, tok, what = load_model(args)
     model = TimedModel(inner)
     n_params = sum(p.numel() for p in model.parameters())

@@ -294,3 +294,78 @@ def test_bench_shapes_of_published_models_build_on_meta_with_their_sizes(name, b
     with torch.device("meta"):
         model = DLMModel(SHAPES[name].config(mask_token_id=0))
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_ppl_bench_and_eval_take_a_source_checkpoint(tmp_path, monkeypatch):
+    from dlm.cli import main as cli_main
+
+    monkeypatch.setenv("DLM_CACHE", str(tmp_path / "cache"))
+    write_checkpoint("dream", tmp_path / "dream", max_position_embeddings=512)  # room for the task's answers
+    write_checkpoint("sdar", tmp_path / "sdar")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"d{i}.txt").write_text(" ".join(f"w{(7 * i + j) % 90 + 1}" for j in range(40)))
+    ppl = tmp_path / "ppl.json"
+    args = ["--data", str(docs), "--file-glob", "*.txt", "--seq-len", "16", "--max-rows", "4", "--mc-num", "2"]
+    assert cli_main(["ppl", str(tmp_path / "dream"), *args, "--output", str(ppl)]) == 0
+    assert json.loads(ppl.read_text())["dataset"]["bound"] is True  # a diffusion model: the NELBO bound
+    bench = tmp_path / "bench.json"
+    assert (
+        cli_main(
+            [
+                "bench",
+                "decode",
+                "--checkpoint",
+                str(tmp_path / "sdar"),
+                "--gen-lengths",
+                "8",
+                "--block-length",
+                "4",
+                "--decoders",
+                "confidence",
+                "--caches",
+                "none,exact",
+                "--json",
+                str(bench),
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    rows = json.loads(bench.read_text())
+    assert {r["cache"] for r in rows["results"]} == {"none", "exact"}
+    out = tmp_path / "eval.json"
+    assert (
+        cli_main(
+            [
+                "eval",
+                str(tmp_path / "dream"),
+                "--tasks",
+                "dlm_repeat",
+                "--limit",
+                "2",
+                "--gen-length",
+                "8",
+                "--block-length",
+                "4",
+                "--cache",
+                "dual",
+                "--output",
+                str(out),
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    assert out.is_file()
+
+
+def test_memory_plan_of_a_published_shape_is_built_on_meta(tmp_path):
+    from dlm.cli import main as cli_main
+
+    out = tmp_path / "plan.json"
+    args = ["bench", "decode", "--shape", "sdar-8b", "--device", "meta", "--dtype", "bfloat16", "--batch-sizes", "8",
+            "--gen-lengths", "1024", "--prompt-length", "16", "--json", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    (row,) = json.loads(out.read_text())["plan"]
+    assert row["params"] == 8_190_735_360 and row["weights_gb"] == pytest.approx(8_190_735_360 * 2 / 2**30)
+    assert row["kv_cache_gb"] == pytest.approx(2 * 36 * 8 * 128 * 2 * 8 * 1040 / 2**30)  # K and V, bf16
