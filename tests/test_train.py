@@ -216,7 +216,7 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert cli_main(["train", "quickstart", "optim.lrr=1"]) == 2
     assert "Did you mean 'lr'" in capsys.readouterr().err
     assert cli_main(["generate", str(tmp_path / "nothing")]) == 2
-    assert "no dlm model at" in capsys.readouterr().err
+    assert "no model at" in capsys.readouterr().err
 
 
 def test_cli_train_then_generate(tmp_path, capsys):
