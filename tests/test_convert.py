@@ -226,6 +226,10 @@ def test_conversion_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ConvertError, match="model_type 'gpt2' is not a family dlm converts; supported: dream"):
         convert(tmp_path / "gpt", tmp_path / "o1")
+    from dlm.loading import load
+
+    with pytest.raises(ConvertError, match="is a 'gpt2' checkpoint; .*converts these families: dream, llada, llama"):
+        load(tmp_path / "gpt")
     with pytest.raises(ConvertError, match="config.json has no 'num_attention_heads', which the dream layout needs"):
         convert(tmp_path / "llada", tmp_path / "o2", family="dream")
     from safetensors.torch import load_file, save_file
