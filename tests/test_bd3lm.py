@@ -5,6 +5,7 @@ import torch
 
 from conftest import tiny_model, tiny_recipe
 from dlm.config import ConfigError, from_dict
+from dlm.schedules import sample_times
 from dlm.train.config import RecipeConfig
 from dlm.train.objectives import build_objective, paired_logits_from, subs_log_probs
 from dlm.train.objectives.bd3lm import bd3lm_inputs
@@ -83,6 +84,43 @@ def test_per_block_times_are_antithetic_over_all_blocks():
     bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=4, t_eps=0.0)
     t = bd3.sample_noise((8, 16), torch.Generator().manual_seed(1))["t"]  # 8 x 4 block times
     assert torch.equal(torch.sort((t.flatten() * 32).floor().long()).values, torch.arange(32))
+
+
+def test_each_block_is_masked_at_the_rate_of_its_own_time():
+    """Reproduce sample_noise's draws (block times, then one uniform per token): token l is masked
+    iff u_l < 1 − α(t_b) for its own block b = l // B, with 4 unequal times per row (``repeat``
+    instead of ``repeat_interleave`` would pair token l with block l mod 4)."""
+    G, L, block = 3, 16, 4
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=block)
+    noise = bd3.sample_noise((G, L), torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    t = sample_times(G * L // block, g, bd3.t_eps, True).view(G, L // block)
+    u = torch.rand(G, L, generator=g)
+    own = torch.arange(L) // block
+    assert torch.equal(noise["t"], t)
+    assert torch.equal(noise["masked"], u < (1 - bd3.schedule.alpha(t))[:, own])
+    assert not torch.equal(noise["masked"], u < (1 - bd3.schedule.alpha(t)).repeat(1, block))  # not vacuous
+
+
+@torch.no_grad()
+def test_each_block_is_weighted_by_its_own_time():
+    """BD3-LM loss = Σ_b w(t_b) Σ_{masked l in b} −log p(x^l | z_t^b, x^{<b}) with w(t) = 1/t
+    (loglinear), t differing per block, against the per-block reference logits."""
+    model = tiny_model()
+    block = 2
+    x0 = torch.randint(0, MASK, (2, 8), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([[0.05, 0.9, 0.3, 0.7], [0.9, 0.1, 0.6, 0.2]])
+    masked = torch.rand(2, 8, generator=torch.Generator().manual_seed(1)) < 0.6
+    masked[:, ::2] = True  # every block has a masked token
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=block)
+    total = bd3.loss(model, {"input_ids": x0}, {"t": t, "masked": masked}).total
+    zt = torch.where(masked, torch.full_like(x0, MASK), x0)
+    nll = -subs_log_probs(per_block_logits(model, x0, zt, block), MASK).gather(-1, x0[..., None]).squeeze(-1)
+    own = torch.arange(8) // block
+    expected = ((1 / t[:, own]) * nll * masked).sum()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+    wrong = ((1 / t.repeat(1, block)) * nll * masked).sum()  # token l paired with block l mod 4
+    assert (wrong - expected).abs() > 1e-3 * expected  # 100x the tolerance: the pairing matters, not vacuous
 
 
 def test_bad_block_settings_are_clear_errors():

@@ -117,6 +117,25 @@ def test_streaming_build_matches_the_corpus(tmp_path):
     assert batch.shape == (4, 16) and data.val["input_ids"].shape[1] == 16
 
 
+def test_streaming_rows_equal_pack_of_the_same_documents(tmp_path, tokenizer):
+    """Epoch 0 of a streamed corpus is the documents in stream order (sorted files) after the
+    ``max_val_sequences`` held-out ones, concatenated with EOS after each document and cut into
+    seq_len rows, the tail dropped: exactly ``pack()`` of those documents, row for row. The
+    held-out head is the validation set, packed the same way."""
+    corpus = write_corpus(tmp_path / "c", n_docs=12)
+    cfg = DataConfig(dataset=str(corpus), file_glob="*.txt", seq_len=16, streaming=True, max_val_sequences=2)
+    data = build_data(cfg, TOK, seed=0, tokenizer=tokenizer)
+    tok = data.tokenizer
+    texts = [f.read_text() for f in sorted(corpus.glob("*.txt"))]
+    ids = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+    expected = pack(ids[2:], 16, tok.eos_token_id)
+    assert expected.shape[0] > 100
+    streamed = torch.stack([row["input_ids"] for row in data.train.make_rows(0)])
+    assert torch.equal(streamed, expected)
+    assert torch.equal(data.train.global_batch(0, len(expected))["input_ids"], expected)
+    assert torch.equal(data.val["input_ids"], pack(ids[:2], 16, tok.eos_token_id)[:2])
+
+
 def test_chat_rows_mask_the_prompt_and_pad_with_eos(tokenizer):
     cfg = DataConfig(format="chat", seq_len=24)
     ids, loss_mask = chat_row({"prompt": "def f(x):", "response": "return x"}, tokenizer, cfg)

@@ -35,6 +35,30 @@ def test_float64_sampler_matches_the_distribution():
     torch.testing.assert_close(logp, probs.double().log()[tokens])
 
 
+def chi2_critical(dof: int) -> float:
+    """The χ²(dof) 0.999 quantile (Wilson–Hilferty), the threshold of the float64 sampler tests."""
+    return dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_at_a_temperature_follows_softmax_of_logits_over_temperature(temperature):
+    probs = torch.tensor([0.4, 0.2, 0.15, 0.1, 0.08, 0.05, 0.02, 0.0])
+    logits = probs.log()  # the last token has probability 0 at every temperature
+    n = 100_000
+    g = torch.Generator().manual_seed(0)
+    tokens, logp = sample_categorical(logits.expand(n, -1), temperature, g)
+    counts = torch.bincount(tokens, minlength=8).double()
+    assert counts[7] == 0
+    tempered = torch.softmax(logits.double()[:7] / temperature, 0)
+
+    def chi2(p):
+        return ((counts[:7] - n * p) ** 2 / (n * p)).sum().item()
+
+    assert chi2(tempered) < chi2_critical(6), chi2(tempered)
+    assert chi2(probs.double()[:7]) > 100 * chi2_critical(6)  # temperature 1 would be rejected: not vacuous
+    torch.testing.assert_close(logp, tempered.log()[tokens])  # the log-prob of the tempered distribution
+
+
 def test_temperature_zero_is_argmax():
     logits = torch.randn(10, 30)
     tokens, _ = sample_categorical(logits, 0.0, None)
@@ -53,13 +77,16 @@ def test_ancestral_decodes_everything_and_keeps_the_prompt():
     assert out.times is None  # unmasking times are the first-hitting sampler's
 
 
-def test_ancestral_is_reproducible_and_greedy_is_deterministic():
+def test_ancestral_is_reproducible_for_a_seed_and_differs_across_seeds():
+    """Greedy determinism across seeds is tested in test_decoders.py (every decoder)."""
     model = tiny_model()
     prompt = torch.randint(0, 63, (2, 4))
     dec = AncestralDecoder(gen_length=10, steps=10)
-    a = dec(model, prompt, generator=torch.Generator().manual_seed(1)).tokens
-    b = dec(model, prompt, generator=torch.Generator().manual_seed(1)).tokens
-    assert torch.equal(a, b)
+    a = dec(model, prompt, generator=torch.Generator().manual_seed(1))
+    b = dec(model, prompt, generator=torch.Generator().manual_seed(1))
+    c = dec(model, prompt, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step_map, b.step_map)
+    assert not torch.equal(a.tokens, c.tokens)  # the generator is used: reproducibility is not vacuous
 
 
 def test_ancestral_never_samples_the_mask_token():

@@ -211,6 +211,38 @@ def test_sft_never_masks_the_prompt_and_normalises_by_answer_length():
     assert out.total.item() / 256 == pytest.approx(target, rel=0.1)
 
 
+@torch.no_grad()
+def test_sft_loss_is_each_rows_answer_normalised_nelbo_averaged_over_rows():
+    """With a seeded x0 and noise, on a contextual model: row b's loss is
+    Σ_{masked answer l} w(t_b)·(−log p(x0^l | z_t)) / |answer_b|, and the objective's total / count
+    is the mean over rows. Answer lengths differ per row (one row has none) so the per-row
+    normaliser matters; w(t) = 1/t (loglinear); SUBS gives the mask token no probability."""
+    model = tiny_model()
+    B, L = 5, 12
+    obj = build_objective("sft", mask_token_id=63)
+    x0 = torch.randint(0, 63, (B, L), generator=torch.Generator().manual_seed(0))
+    prompt_len = torch.tensor([2, 4, 7, 10, 12])  # answers of 10, 8, 5, 2 and 0 tokens
+    answer = torch.arange(L)[None] >= prompt_len[:, None]
+    noise = obj.sample_noise((B, L), torch.Generator().manual_seed(1))
+    out = obj.loss(model, {"input_ids": x0, "loss_mask": answer.long()}, noise)
+    t, u = noise["t"], noise["u"]
+    per_row = []
+    for b in range(B):
+        masked = answer[b] & (u[b] < (1 - 1e-3) * t[b])  # mask rate 1 − α_t = (1 − ε)t, ε = 1e-3
+        zt = x0[b].masked_fill(masked, 63)
+        logits = model(zt[None]).logits[0].double()
+        logits[:, 63] = float("-inf")
+        nll = -torch.log_softmax(logits, -1).gather(-1, x0[b][:, None]).squeeze(-1)
+        per_row.append((nll[masked] / t[b]).sum() / max(int(answer[b].sum()), 1))
+    expected = torch.stack(per_row)
+    assert (expected[:4] > 0).all() and expected[4] == 0
+    assert out.count.item() == B
+    torch.testing.assert_close(out.total.double(), expected.sum(), rtol=1e-5, atol=1e-5)
+    lengths = answer.sum(-1).clamp(min=1).double()
+    wrong = (expected * lengths / lengths.mean()).sum()  # one batch-mean normaliser instead
+    assert (wrong - expected.sum()).abs() > 1e-2 * expected.sum()  # not vacuous
+
+
 def test_ar_loss_is_next_token_cross_entropy_in_causal_mode():
     model = tiny_model()
     x = torch.randint(0, 63, (3, 12))

@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_model
 from dlm.decode import build_decoder
-from dlm.train.rl.estimators import Rollouts, build_rows, expected_rows, token_logprobs
+from dlm.train.objectives import subs_log_probs
+from dlm.train.rl.estimators import Rollouts, Rows, build_rows, expected_rows, token_logprobs
 from dlm.train.rl.loss import group_advantages, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, score
 
@@ -53,18 +54,70 @@ def test_trajectory_rows_are_disjoint_cover_every_token_and_number_ceil_steps_ov
             assert torch.equal(x == MASK, (r.step_map[b] >= first) & (r.step_map[b] >= 0) | (r.tokens[b] == MASK))
 
 
-def test_coupled_rows_partition_the_completion_with_inverse_rate_weights():
+def test_coupled_rows_are_the_seeded_mask_and_its_complement_with_weights_one_over_t_and_one_minus_t():
+    """Recompute the rows from the generator's draws, in the code's order: t ~ U(0.2, 0.8) per
+    rollout (float64), then one float64 uniform per completion position; m = u < t."""
     _, _, r = rollouts("confidence", steps=12)
     rows = build_rows("coupled", r, MASK, generator=torch.Generator().manual_seed(3))
-    for b in range(2):
-        a, c = rows.targets[rows.owner == b]
-        assert not (a & c).any() and torch.equal(a | c, r.trainable[b])
-        wa, wc = rows.weights[rows.owner == b]
-        t = 1 / wa[a][0].item() if a.any() else 1 - 1 / wc[c][0].item()
-        assert 0.2 <= t <= 0.8
-        if c.any():
-            assert wc[c][0].item() == pytest.approx(1 / (1 - t))
-        assert torch.equal(rows.inputs[rows.owner == b][0] == MASK, a)  # only its own half is masked
+    B, T = r.tokens.shape
+    P = r.prompt_length
+    g = torch.Generator().manual_seed(3)
+    t = 0.2 + 0.6 * torch.rand(B, generator=g, dtype=torch.float64)
+    u = torch.rand(B, T - P, generator=g, dtype=torch.float64)
+    m = torch.zeros(B, T, dtype=torch.bool)
+    m[:, P:] = u < t[:, None]
+    m &= r.trainable
+    assert torch.equal(rows.owner, torch.tensor([0, 0, 1, 1]))
+    for b in range(B):
+        a, c = rows.targets[2 * b], rows.targets[2 * b + 1]
+        assert torch.equal(a, m[b]) and torch.equal(c, r.trainable[b] & ~m[b])
+        assert a.any() and c.any()  # both halves are exercised
+        torch.testing.assert_close(rows.weights[2 * b], torch.where(a, 1 / t[b], 0.0).float(), rtol=1e-7, atol=0)
+        torch.testing.assert_close(
+            rows.weights[2 * b + 1], torch.where(c, 1 / (1 - t[b]), 0.0).float(), rtol=1e-7, atol=0
+        )
+        for x, part in ((rows.inputs[2 * b], a), (rows.inputs[2 * b + 1], c)):
+            assert torch.equal(x, r.tokens[b].masked_fill(part, MASK))  # only its own half is masked
+
+
+class ContextFree(torch.nn.Module):
+    """The same logits at every position whatever the input (no output_mask support)."""
+
+    def __init__(self, logits_V):
+        super().__init__()
+        self.logits_V = logits_V
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.logits_V.expand(*input_ids.shape, -1)
+
+
+@torch.no_grad()
+def test_each_coupled_row_is_unbiased_for_the_log_prob_of_a_context_free_model():
+    """For a context-free model log p(token) does not depend on the mask, so E[Σ weight·log p]
+    = Σ E[weight]·log p. The mask row scores a token with probability t at weight 1/t, the
+    complement with probability 1 − t at weight 1/(1 − t): each row alone has expected weight 1
+    per token and estimates Σ log p without bias, and the coupled sum of the two (what
+    token_logprobs returns for a rollout) estimates 2·Σ log p (weights 1/t and 1/(1 − t) as
+    SPEC §6 states; an estimate of Σ log p itself would need half those weights)."""
+    V, mask = 6, 5
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
+    model = ContextFree(logits)
+    n, P = 1500, 3
+    tokens = torch.tensor([[1, 2, 3, 0, 4, 2, 1, 3, 0]]).expand(n, -1).clone()
+    step_map = torch.tensor([[-1] * P + list(range(6))]).expand(n, -1).clone()
+    r = Rollouts(tokens, step_map, P)
+    full = subs_log_probs(logits, mask)[tokens[0, P:]].double().sum().item()
+    rows = build_rows("coupled", r, mask, generator=torch.Generator().manual_seed(0))
+    coupled = token_logprobs(model, r, rows, mask, batch_size=2 * n).sum(1).double()
+    halves = []
+    for k in (0, 1):  # the mask rows alone, then the complement rows alone
+        half = Rows(rows.inputs[k::2], rows.targets[k::2], rows.weights[k::2], rows.owner[k::2])
+        halves.append(token_logprobs(model, r, half, mask, batch_size=n).sum(1).double())
+        mean, se = halves[-1].mean().item(), halves[-1].std().item() / math.sqrt(n)
+        assert abs(mean - full) < 4 * se, (k, mean, full, se)
+    torch.testing.assert_close(coupled, halves[0] + halves[1], rtol=1e-5, atol=1e-5)
+    mean, se = coupled.mean().item(), coupled.std().item() / math.sqrt(n)
+    assert abs(mean - 2 * full) < 4 * se, (mean, full, se)
 
 
 def test_one_step_rows_mask_the_completion_and_some_prompt():

@@ -1,0 +1,72 @@
+"""EMA of the weights (train/ema.py): closed-form values, direction, swap-in and state."""
+
+import pytest
+import torch
+from torch import nn
+
+from dlm.train.ema import EMA
+
+
+def linear(value: float) -> nn.Linear:
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(value)
+    return layer
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.99])
+def test_shadow_after_n_updates_toward_a_constant_is_c_plus_p0_minus_c_times_decay_to_the_n(decay):
+    p0, c, n = 2.0, -1.0, 25
+    model = linear(p0)
+    ema = EMA(model, decay)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(c)
+    for _ in range(n):
+        ema.update(model)
+    expected = c + (p0 - c) * decay**n
+    for name, shadow in ema.shadow.items():
+        torch.testing.assert_close(shadow, torch.full_like(shadow, expected), rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_each_update_moves_the_shadow_toward_the_weights_by_one_minus_decay():
+    """shadow_k = decay·shadow_{k−1} + (1 − decay)·θ_k, against a float64 recursion over changing
+    weights; each step closes the gap to the new weights by the factor decay, never widens it."""
+    torch.manual_seed(0)
+    model, decay = nn.Linear(4, 3), 0.8
+    ema = EMA(model, decay)
+    ref = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    for _ in range(10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        gap_before = {n: (ema.shadow[n].double() - p.detach().double()) for n, p in model.named_parameters()}
+        ema.update(model)
+        for name, p in model.named_parameters():
+            ref[name] = decay * ref[name] + (1 - decay) * p.detach().double()
+            torch.testing.assert_close(ema.shadow[name].double(), ref[name], rtol=1e-5, atol=1e-5)
+            gap_after = ema.shadow[name].double() - p.detach().double()
+            # toward the weights, on the same side, by the factor decay
+            torch.testing.assert_close(gap_after, decay * gap_before[name], rtol=1e-5, atol=1e-5)
+
+
+def test_swapped_in_loads_the_shadow_and_restores_the_weights():
+    model = linear(1.0)
+    ema = EMA(model, 0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+    ema.update(model)  # shadow = 0.5·1 + 0.5·3 = 2
+    with ema.swapped_in(model):
+        assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in model.parameters())
+    assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in model.parameters())
+    again = EMA(linear(0.0), 0.5)
+    again.load_state_dict(ema.state_dict())
+    assert all(torch.equal(again.shadow[n], ema.shadow[n]) for n in ema.shadow)
+
+
+def test_frozen_parameters_are_not_tracked():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+    assert set(EMA(model, 0.9).shadow) == {"0.bias", "1.weight", "1.bias"}
