@@ -145,11 +145,37 @@ def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
             f"unknown key {prefix}{key!r}; valid keys here: {', '.join(sorted(fields))}."
             + close_matches(str(key), list(fields))
         )
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        default = _default_of(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = _over(default, value)  # a section overrides the defaults its parent gives it
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field was left out
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: {exc}") from exc
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    """The value a parent gives a field when a recipe omits it (MISSING when it has none it can build:
+    a section whose defaults alone do not validate, such as ``rl`` without ``init``)."""
+    if f.default_factory is dataclasses.MISSING:
+        return f.default
+    try:
+        return f.default_factory()
+    except (ConfigError, ValueError, TypeError):
+        return dataclasses.MISSING
+
+
+def _over(default: Any, update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` on top of the dataclass instance ``default``, section by section (a mapping-valued
+    field such as ``rl.rewards`` is replaced, not merged). Unknown keys are kept for from_dict to name."""
+    out = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
+    for key, value in update.items():
+        inner = out.get(key)
+        out[key] = _over(inner, value) if isinstance(value, dict) and dataclasses.is_dataclass(inner) else value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

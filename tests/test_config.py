@@ -98,3 +98,16 @@ def test_every_rl_recipe_parses(recipe):
 
     cfg = load_recipe(recipe, cls=RLRecipe)
     assert cfg.rl.group_size >= 2 and cfg.rl.init
+
+
+def test_a_section_overrides_the_defaults_its_parent_gives_it():
+    """RL's train/optim sections default to RL settings; setting one key must not fall back to the
+    pretraining defaults for the others (output_dir=runs/quickstart would resume a pretraining run)."""
+    from dlm.train.rl.loop import RLRecipe
+
+    cfg = from_dict(RLRecipe, {"rl": {"init": "x", "rewards": {"repeat": 1.0}}, "optim": {"lr": 1e-4},
+                               "train": {"max_steps": 30}})  # fmt: skip
+    default = RLRecipe(rl=cfg.rl)
+    assert cfg.train.output_dir == default.train.output_dir == "runs/rl" and cfg.train.max_steps == 30
+    assert (cfg.optim.warmup_steps, cfg.optim.weight_decay) == (default.optim.warmup_steps, default.optim.weight_decay)
+    assert cfg.optim.lr == 1e-4 and cfg.rl.rewards == {"repeat": 1.0}  # a mapping field is replaced, not merged
