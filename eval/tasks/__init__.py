@@ -52,6 +52,37 @@ def _yaml(path: Path, text: str) -> None:
     path.write_text(text.strip() + "\n")
 
 
+FEWSHOT = 16  # few-shot examples per task, drawn apart from the held-out ones
+FEWSHOT_SEED = 1000
+
+
+def _unseen(shots: list[dict], held_out: list[dict], key: str) -> list[dict]:
+    """Few-shot examples none of which is a held-out question (lm-eval would otherwise show a question,
+    answered, in its own prompt)."""
+    seen = {row[key] for row in held_out}
+    return [row for row in shots if row[key] not in seen]
+
+
+def _repeat_choices(count: int, seed: int, rng: random.Random) -> list[dict]:
+    """Multiple-choice copy examples: the prompt's letters among three random strings."""
+    out = []
+    for ex in generate("repeat", count, seed=seed, period=8, repeats=1):
+        letters = ex["prompt"].split()
+        wrong = [" ".join(rng.choice(string.ascii_lowercase) for _ in letters) for _ in range(3)]
+        label = rng.randrange(4)
+        choices = wrong[:label] + [" ".join(letters)] + wrong[label:]
+        out.append({"prompt": ex["prompt"], "choices": [" " + c for c in choices], "label": label})
+    return out
+
+
+def _sums(count: int, rng: random.Random) -> list[dict]:
+    out = []
+    for _ in range(count):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        out.append({"question": f"{a} + {b} =", "answer": str(a + b)})
+    return out
+
+
 def materialize(
     root: str | Path, count: int = COUNT, seed: int = 1, repeat_period: int = 16, repeat_count: int = 16
 ) -> Path:
@@ -63,6 +94,8 @@ def materialize(
 
     rows = generate("repeat", count, seed=seed, period=repeat_period, repeats=repeat_count)
     _write_jsonl(root / "repeat.jsonl", rows)
+    shots = generate("repeat", FEWSHOT, seed=seed + FEWSHOT_SEED, period=repeat_period, repeats=repeat_count)
+    _write_jsonl(root / "repeat_fewshot.jsonl", _unseen(shots, rows, "prompt"))
     (root / "dlm_task_utils.py").write_text(UTILS)
     _yaml(
         root / "dlm_repeat.yaml",
@@ -72,7 +105,9 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {root / "repeat.jsonl"}
+    fewshot: {root / "repeat_fewshot.jsonl"}
 test_split: test
+fewshot_split: fewshot
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{response}}}}"
@@ -93,15 +128,10 @@ metadata:
 """,
     )
 
-    rng = random.Random(f"repeat_mc:{seed}")
-    mc = []
-    for ex in generate("repeat", count, seed=seed + 1, period=8, repeats=1):
-        letters = ex["prompt"].split()
-        wrong = [" ".join(rng.choice(string.ascii_lowercase) for _ in letters) for _ in range(3)]
-        label = rng.randrange(4)
-        choices = wrong[:label] + [" ".join(letters)] + wrong[label:]
-        mc.append({"prompt": ex["prompt"], "choices": [" " + c for c in choices], "label": label})
+    mc = _repeat_choices(count, seed + 1, random.Random(f"repeat_mc:{seed}"))
     _write_jsonl(root / "repeat_mc.jsonl", mc)
+    shots = _repeat_choices(FEWSHOT, seed + 1 + FEWSHOT_SEED, random.Random(f"repeat_mc_fewshot:{seed}"))
+    _write_jsonl(root / "repeat_mc_fewshot.jsonl", _unseen(shots, mc, "prompt"))
     _yaml(
         root / "dlm_repeat_mc.yaml",
         f"""
@@ -110,7 +140,9 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {root / "repeat_mc.jsonl"}
+    fewshot: {root / "repeat_mc_fewshot.jsonl"}
 test_split: test
+fewshot_split: fewshot
 output_type: multiple_choice
 doc_to_text: "{{{{prompt}}}} ."
 doc_to_choice: "{{{{choices}}}}"
@@ -124,12 +156,10 @@ metadata:
 """,
     )
 
-    rng = random.Random(f"arithmetic:{seed}")
-    arith = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        arith.append({"question": f"{a} + {b} =", "answer": str(a + b)})
+    arith = _sums(count, random.Random(f"arithmetic:{seed}"))
     _write_jsonl(root / "arithmetic.jsonl", arith)
+    shots = _sums(FEWSHOT * 2, random.Random(f"arithmetic_fewshot:{seed}"))
+    _write_jsonl(root / "arithmetic_fewshot.jsonl", _unseen(shots, arith, "question")[:FEWSHOT])
     _yaml(
         root / "dlm_arithmetic.yaml",
         f"""
@@ -138,10 +168,12 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {root / "arithmetic.jsonl"}
+    fewshot: {root / "arithmetic_fewshot.jsonl"}
 test_split: test
+fewshot_split: fewshot
 output_type: generate_until
 doc_to_text: "{{{{question}}}}"
-doc_to_target: " {{{{answer}}}}"
+doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
   until: ["\\n", " ="]
   max_gen_toks: 8
