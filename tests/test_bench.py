@@ -103,3 +103,43 @@ def test_generated_task_trains_as_chat_rows():
     bundle = build_data(cfg, TokenizerConfig(vocab_size=300), seed=0)
     rows = bundle.val
     assert rows["input_ids"].shape[1] == 24 and rows["loss_mask"].sum() > 0
+
+
+def test_bench_train_writes_the_step_times_it_promises(tmp_path, monkeypatch, capsys):
+    import inspect
+
+    import dlm.eval.bench_train as bench_train
+
+    timed = {}  # objective -> what it was timed on: model shape, batch, block size, number of timed steps
+    real = bench_train.time_objective
+
+    def time_objective(*args, **kwargs):
+        call = inspect.signature(real).bind(*args, **kwargs)
+        call.apply_defaults()
+        times = real(*args, **kwargs)
+        c, a = call.arguments["model"].config, call.arguments
+        shape = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size)
+        timed[a["name"]] = (shape, tuple(a["batch"]["input_ids"].shape), a["block_size"], len(times))
+        return times
+
+    monkeypatch.setattr(bench_train, "time_objective", time_objective)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "train", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--vocab-size", "64"]
+    argv += ["--seq-len", "16", "--batch-size", "2", "--steps", "3", "--warmup", "1", "--block-size", "4"]
+    assert cli_main([*argv, "--objectives", "mdlm,bd3lm,ar", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    settings = {k: data["settings"][k] for k in ("hidden_size", "layers", "seq_len", "batch_size", "steps")}
+    assert settings == {"hidden_size": 32, "layers": 1, "seq_len": 16, "batch_size": 2, "steps": 3}
+    results = data["results"]
+    assert list(results) == list(timed) == ["mdlm", "bd3lm", "ar"]
+    assert set(timed.values()) == {((32, 1, 2, 64), (2, 16), 4, 3)}  # the asked shape, batch, block and steps
+    ar = results["ar"]["median_s"]
+    for name, r in results.items():
+        assert 0 < r["min_s"] <= r["median_s"] and r["min_s"] <= r["mean_s"]
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["median_s"])
+        if name == "ar":
+            assert "ratio_to_ar" not in r
+        else:
+            assert r["ratio_to_ar"] == pytest.approx(r["median_s"] / ar)
+    printed = capsys.readouterr().out
+    assert "hidden 32, 1 layers, 2 heads, vocab 64" in printed and "bd3lm / ar step time" in printed

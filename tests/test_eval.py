@@ -242,3 +242,60 @@ def test_is_greedy_is_true_exactly_for_the_greedy_continuation(trained):
         [Request(context, greedy), Request(context, other), Request([5] + context, greedy[:1]), Request(context, [])]
     )
     assert flags[:2] == [True, False] and flags[3] is True
+
+
+def test_dlm_eval_passes_num_fewshot_and_the_chat_template_to_lm_eval(trained, tmp_path, monkeypatch):
+    """The prompts lm-eval built (``--log-samples``) hold two solved examples before the question,
+    each turn wrapped in the tokenizer's chat template."""
+    import json
+    import re
+    import shutil
+    from functools import partial
+
+    import lm_eval.tasks
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("DLM_CACHE", str(tmp_path / "cache"))
+    # dlm's local tasks only: skip indexing lm-eval's thousands of stock task files (seconds)
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", partial(lm_eval.tasks.TaskManager, include_defaults=False))
+    ckpt = tmp_path / "chat-model"
+    shutil.copytree(f"{trained}/final", ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant> "
+    tok.save_pretrained(ckpt)
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(ckpt), "--tasks", "dlm_arithmetic", "--limit", "2", "--gen-length", "8", "--block-length", "8"]
+    assert cli_main([*argv, "--num-fewshot", "2", "--apply-chat-template", "--log-samples", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["n-shot"]["dlm_arithmetic"] == 2
+    samples = data["samples"]["dlm_arithmetic"]
+    assert len(samples) == 2
+    for sample in samples:
+        [(context, gen_kwargs)] = sample["arguments"]
+        assert context.startswith("<user> ") and context.endswith("<assistant> ")
+        turns = re.findall(r"<user> (\d+ \+ \d+ =)\n<assistant> ([^<]*)", context)
+        assert len(turns) == 3 and turns[-1] == (sample["doc"]["question"], "")  # 2 shots, then the question
+        for question, answer in turns[:2]:  # solved examples of the task
+            a, b = map(int, re.findall(r"\d+", question))
+            assert int(answer) == a + b
+
+
+def test_few_shot_examples_never_include_the_evaluated_question(trained, tasks):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm = DLMEvalModel(pretrained=trained, batch_size=4, block_length=8, gen_length=8)
+    out = simple_evaluate(
+        model=lm,
+        tasks=["dlm_arithmetic"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        num_fewshot=3,
+        log_samples=True,
+    )
+    samples = out["samples"]["dlm_arithmetic"]
+    assert len(samples) == 12
+    for sample in samples:
+        [(context, _)] = sample["arguments"]
+        doc = sample["doc"]
+        assert context.endswith(doc["question"])
+        assert f"{doc['question']} " not in context, sample["doc_id"]  # answered earlier in its own prompt

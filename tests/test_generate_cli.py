@@ -1,5 +1,8 @@
 """`dlm generate`: decoders, stop strings, the unmasking replay, and option errors."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -94,3 +97,146 @@ def test_generate_chat_mode_uses_the_chat_template(trained, tmp_path, capsys):
     assert cli_main(["generate", str(ckpt), "--chat", "--prompt", "the model", "--gen-length", "8", "--show"]) == 0
     out = capsys.readouterr().out
     assert "<user> the model" in out  # the replay shows the templated prompt
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Every decoder `dlm generate` builds, with what it returned: ``[(decoder, DecodeOutput), ...]``."""
+    import dlm.decode
+
+    calls = []
+    real = dlm.decode.build_decoder
+
+    def build(name, **kwargs):
+        decoder = real(name, **kwargs)
+
+        def run(*args, **kw):
+            out = decoder(*args, **kw)
+            calls.append((decoder, out))
+            return out
+
+        return run
+
+    monkeypatch.setattr(dlm.decode, "build_decoder", build)
+    return calls
+
+
+def generate(trained, capsys, *extra: str, prompt: str = "the model") -> tuple[str, int]:
+    """The completion `dlm generate` prints for one prompt (16 tokens, blocks of 4), and its NFE."""
+    argv = ["generate", trained, "--prompt", prompt, "--gen-length", "16", "--block-length", "4", *extra]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    header, text = out[out.index("=== ") :].split("\n", 1)
+    nfe = re.fullmatch(rf"=== {re.escape(repr(prompt))} \(NFE (\d+)\)", header)
+    assert nfe and text.startswith(prompt) and text.endswith("\n")
+    return text[len(prompt) : -1], int(nfe.group(1))
+
+
+def test_generate_stop_string_cuts_the_text_and_ends_decoding_early(trained, capsys, decoded):
+    from transformers import AutoTokenizer
+
+    free, nfe = generate(trained, capsys, "--temperature", "0")
+    assert nfe == 16  # no EOS: every block is decoded
+    tok = AutoTokenizer.from_pretrained(f"{trained}/final")
+    stop = tok.decode(decoded[-1][1].generated[0, 8:9])  # the first token of the third block
+    assert stop and stop in free
+    cut, nfe = generate(trained, capsys, "--temperature", "0", "--stop", stop)
+    assert cut == free[: free.index(stop)]
+    assert nfe <= 12  # the row finished with the block that completed the stop string
+
+
+def test_generate_seed_top_k_and_top_p_are_honoured(trained, capsys, decoded):
+    def tokens(*extra):
+        generate(trained, capsys, *extra)
+        return decoded[-1][1].generated
+
+    greedy = tokens("--temperature", "0")
+    a, again, b = tokens("--seed", "1"), tokens("--seed", "1"), tokens("--seed", "2")
+    assert torch.equal(a, again) and not torch.equal(a, b)  # temperature 1 (the default) samples by seed
+    assert not torch.equal(a, greedy)
+    assert torch.equal(tokens("--seed", "1", "--top-k", "1"), greedy)  # the top-1 token is the argmax
+    assert torch.equal(tokens("--seed", "1", "--top-p", "1e-6"), greedy)  # so is the smallest nucleus
+
+
+def test_generate_cfg_scale_changes_the_greedy_output(trained, capsys, decoded):
+    generate(trained, capsys, "--temperature", "0")
+    plain = decoded[-1][1].generated
+    generate(trained, capsys, "--temperature", "0", "--cfg-scale", "3")
+    assert decoded[-1][0].cfg_scale == 3.0 and not torch.equal(decoded[-1][1].generated, plain)
+
+
+def test_generate_cache_feeds_only_the_block_after_each_refresh(trained, capsys, monkeypatch):
+    from dlm.model.modeling import DLMModel
+
+    widths = []
+    real_forward = DLMModel.forward
+
+    def forward(self, input_ids, *args, **kwargs):
+        widths.append(input_ids.shape[1])
+        return real_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(DLMModel, "forward", forward)
+    generate(trained, capsys, "--temperature", "0")
+    full = set(widths)
+    assert len(full) == 1 and min(full) > 16  # the whole canvas (prompt + 16) at every call
+    widths.clear()
+    _, nfe = generate(trained, capsys, "--temperature", "0", "--cache", "dual")
+    assert nfe == 16 and widths.count(max(full)) == 4 and set(widths) == {max(full), 4}  # a refresh per block
+
+
+def test_generate_tokens_per_call_and_remasking_change_what_is_decoded(trained, capsys, decoded):
+    assert generate(trained, capsys, "--decoder", "first_hitting")[1] == 16
+    assert generate(trained, capsys, "--decoder", "first_hitting", "--tokens-per-call", "4")[1] == 4
+    orders = {}
+    for rule in ("confidence", "margin", "entropy", "random"):
+        generate(trained, capsys, "--temperature", "0", "--remasking", rule)
+        decoder, out = decoded[-1]
+        assert decoder.remasking == rule
+        orders[rule] = tuple(out.step_map[0, out.prompt_length :].tolist())
+    assert len(set(orders.values())) == 4  # each rule decodes the positions in its own order
+
+
+class FixedLogits(torch.nn.Module):
+    """A "model" whose generated positions always predict the same distributions ``probs [G, V]``."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.logits = probs.log()
+
+    def forward(self, input_ids, attention_mask=None):
+        out = torch.zeros(*input_ids.shape, self.logits.shape[-1])
+        out[:, -self.logits.shape[0] :] = self.logits
+        return out
+
+
+def three_positions() -> torch.Tensor:
+    """X: (.5, .5) — lowest entropy; Y: .6 + forty tokens of .01 — widest margin;
+    Z: (.7, .25, five of .01) — most confident."""
+    probs = torch.zeros(3, 64)
+    probs[0, :2] = 0.5
+    probs[1, 0], probs[1, 1:41] = 0.6, 0.01
+    probs[2, 0], probs[2, 1], probs[2, 2:7] = 0.7, 0.25, 0.01
+    return probs
+
+
+@pytest.mark.parametrize(
+    "remasking, order",
+    [("confidence", ["Z", "Y", "X"]), ("margin", ["Y", "Z", "X"]), ("entropy", ["X", "Z", "Y"])],
+)
+def test_remasking_rules_decode_the_positions_their_score_ranks_first(remasking, order):
+    from dlm.decode import build_decoder
+    from dlm.decode.confidence import scores
+
+    probs = three_positions()
+    entropy = [math.log(2), -(0.6 * math.log(0.6) + 0.4 * math.log(0.01)), 0]
+    entropy[2] = -(0.7 * math.log(0.7) + 0.25 * math.log(0.25) + 0.05 * math.log(0.01))
+    expected = {"confidence": [0.5, 0.6, 0.7], "margin": [0.0, 0.59, 0.45], "entropy": [-h for h in entropy]}
+    got = scores(probs.log(), probs.argmax(-1), remasking, None)
+    assert got.tolist() == pytest.approx(expected[remasking], abs=1e-5)
+    dec = build_decoder(
+        "confidence", gen_length=3, steps=3, temperature=0.0, remasking=remasking, mask_token_id=63, eos_token_id=None
+    )
+    out = dec(FixedLogits(probs), torch.tensor([[5, 6]]))
+    step_of = dict(zip("XYZ", out.step_map[0, 2:].tolist()))
+    assert sorted(step_of, key=step_of.get) == order  # one position per step, best score first
+    assert out.generated[0].tolist() == [0, 0, 0]

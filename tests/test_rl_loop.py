@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from conftest import train_tiny
+from conftest import tiny_model, train_tiny
 from dlm.config import ConfigError, from_dict, to_dict
 from dlm.train.rl.loop import RLRecipe, main
 
@@ -40,9 +42,17 @@ def recipe(sft, out, **train):
     )
 
 
+def varied(cfg: RLRecipe) -> RLRecipe:
+    """The recipe with a second reward that differs within a group even for the untrained model (the copy
+    reward alone is 0 for every completion: zero advantages, no update to check)."""
+    data = to_dict(cfg)
+    data["rl"]["rewards"] = {"repeat": 1.0, "tests_rewards:variety": 1.0}
+    return from_dict(RLRecipe, data)
+
+
 def test_rl_loop_logs_exports_and_resumes_exactly(sft, tmp_path):
     out = tmp_path / "rl"
-    first = main(recipe(sft, out))
+    first = main(varied(recipe(sft, out)))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2] and "held_out_reward" in log[0]
     for key in (
@@ -62,13 +72,19 @@ def test_rl_loop_logs_exports_and_resumes_exactly(sft, tmp_path):
     for r in rollouts:  # every completion token has its decoding step and log-prob; rewards are logged
         assert len(r["tokens"]) == len(r["step_map"]) == len(r["logprobs"]) == 8
         assert sorted(r["step_map"]) == list(range(8)) and all(lp <= 0 for lp in r["logprobs"])
-        assert r["reward"] == r["rewards"]["repeat"] and r["decoder"]["decoder"] == "confidence"
+        assert r["reward"] == pytest.approx(sum(r["rewards"].values())) and r["decoder"]["decoder"] == "confidence"
     # resume from checkpoint-1 and redo step 2: the same record, and no duplicated rollouts
     (out / "final").rename(tmp_path / "first-final")
-    second = main(recipe(sft, out))
+    second = main(varied(recipe(sft, out)))
     assert [h["step"] for h in second["history"]] == [2]  # started after checkpoint-1, not from scratch
     assert second["history"][-1] == first["history"][-1]
     assert [json.loads(line) for line in (out / "rollouts-0.jsonl").read_text().splitlines()] == rollouts
+    # and the same final weights, bit for bit (a log line can agree while the update differs)
+    straight, resumed = (load_file(d / "model.safetensors") for d in (tmp_path / "first-final", out / "final"))
+    at_checkpoint = load_file(out / "checkpoint-1" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(not torch.equal(at_checkpoint[k], resumed[k]) for k in at_checkpoint)  # step 2 did update them
 
 
 def test_rl_recipe_errors_name_the_fix(sft, tmp_path):
@@ -243,3 +259,161 @@ def test_rl_runs_on_a_published_family_checkpoint_converted_on_the_fly(tmp_path,
     result = main(from_dict(RLRecipe, {**cfg, "rl": rl, "decode": decode}))
     assert [h["step"] for h in result["history"]] == [0, 1, 2]
     assert result["model"].config.model_type == "dlm" and (tmp_path / "cache" / "converted").is_dir()
+
+
+def test_dlm_rl_command_runs_a_recipe_with_overrides(sft, tmp_path, capsys):
+    import yaml
+
+    from dlm.cli import main as cli_main
+
+    path, out = tmp_path / "rl.yaml", tmp_path / "cli"
+    path.write_text(yaml.safe_dump(to_dict(recipe(sft, tmp_path / "from-yaml"))))
+    assert cli_main(["rl", str(path), f"train.output_dir={out}", "train.max_steps=1", "rl.group_size=2"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+    rollouts = [json.loads(line) for line in (out / "rollouts-0.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in rollouts] == [0, 0, 1, 1]  # 2 prompts x group_size 2
+    ran = json.loads((out / "run.json").read_text())["recipe"]
+    assert ran["train"]["max_steps"] == 1 and ran["rl"]["init"] == sft and ran["rl"]["group_size"] == 2
+    assert (out / "final" / "model.safetensors").is_file() and not (tmp_path / "from-yaml").exists()
+    assert "held-out reward" in capsys.readouterr().out
+    assert cli_main(["rl", str(path), "rl.estimator=grpo"]) == 2
+    assert "rl.estimator='grpo'; choose one of coupled, one_step, trajectory" in capsys.readouterr().err
+
+
+def test_sequence_and_none_normalisation_divide_by_what_they_say():
+    from dlm.train.rl.loss import policy_loss
+
+    # rollout 0 trains 3 tokens, rollout 1 one token; masked columns hold values that must not count
+    mask = torch.tensor([[True, True, True, False], [False, True, False, False]])
+    logp_new = torch.tensor([[0.1, -0.1, 0.05, 3.0], [2.0, 0.02, -3.0, 1.0]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    ratio = logp_new.exp()  # logp_old = 0; every trained ratio lies inside the clip range
+    per_token = -ratio * adv[:, None]  # unclipped PPO term
+    n = mask.sum(1)
+    want = {
+        "sequence": (per_token[0, :3].sum() / 3 + per_token[1, 1] / 1) / 2,  # mean per rollout, then over rollouts
+        "none": per_token[0, :3].sum() + per_token[1, 1],  # plain sum
+        "token": (per_token[0, :3].sum() + per_token[1, 1]) / 4,  # mean over the batch's tokens
+    }
+    weight = {  # d loss / d per_token
+        "sequence": 1 / (n[:, None] * len(n)),
+        "none": torch.ones(2, 1, dtype=torch.float64),
+        "token": torch.full((2, 1), 1 / 4, dtype=torch.float64),
+    }
+    for norm in ("sequence", "none", "token"):
+        new = logp_new.clone().requires_grad_()
+        res = policy_loss(new, torch.zeros_like(new), adv, mask, norm=norm)
+        assert res.loss.item() == pytest.approx(want[norm].item(), rel=1e-12), norm
+        res.loss.backward()
+        expected = torch.where(mask, -ratio * adv[:, None] * weight[norm], torch.zeros_like(ratio))
+        torch.testing.assert_close(new.grad, expected, msg=norm)
+
+
+def rollout_batch(model, block_length: int = 4):
+    """Two ragged, left-padded prompts and their confidence-decoded completions (8 tokens, temperature 1)."""
+    from dlm.decode import build_decoder
+    from dlm.train.rl.estimators import Rollouts
+
+    prompt = torch.randint(0, 63, (2, 5), generator=torch.Generator().manual_seed(1))
+    pad = torch.ones_like(prompt)
+    pad[1, :2] = 0
+    dec = build_decoder("confidence", gen_length=8, steps=8, block_length=block_length, eos_token_id=None)
+    out = dec(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0))
+    full_pad = torch.cat([pad, torch.ones(2, 8, dtype=torch.long)], dim=1)
+    return out, Rollouts(out.canvas, out.step_map, out.prompt_length, full_pad)
+
+
+@torch.no_grad()
+def test_shrink_scores_each_group_of_steps_from_the_state_before_its_first_step():
+    """``rl.shrink = s``: a token decoded at the j-th step of a group of s steps is scored from the
+    canvas as it was before the group's first step (its group-mates still masked), recomputed here
+    one model call per token; tokens decoded at a group's first step keep their decode-time log-prob."""
+    from dlm.train.objectives import subs_log_probs
+    from dlm.train.rl.estimators import build_rows, token_logprobs
+
+    model = tiny_model(seed=2)
+    out, r = rollout_batch(model)
+    rows = build_rows("trajectory", r, 63, shrink=3)
+    logp = token_logprobs(model, r, rows, 63)
+    firsts = laters = 0
+    for b in range(2):
+        steps = sorted(set(r.step_map[b][r.trainable[b]].tolist()))
+        assert (rows.owner == b).sum() == -(-len(steps) // 3)
+        for col in r.trainable[b].nonzero().squeeze(-1).tolist():
+            rank = steps.index(int(r.step_map[b, col]))
+            start = steps[rank - rank % 3]  # the group's first step
+            state = r.tokens[b].masked_fill(r.step_map[b] >= start, 63)[None]
+            logits = model(input_ids=state, attention_mask=r.pad[b][None]).logits[0, col]
+            want = subs_log_probs(logits, 63)[r.tokens[b, col]]
+            assert logp[b, col].item() == pytest.approx(want.item(), abs=1e-5)
+            if rank % 3 == 0:
+                firsts += 1
+                assert logp[b, col].item() == pytest.approx(out.logprobs[b, col].item(), abs=1e-4)
+            else:
+                laters += 1
+    assert firsts and laters  # both kinds of token were checked
+
+
+def test_the_rl_loop_builds_trajectory_rows_with_its_shrink():
+    from dlm.config import from_dict
+    from dlm.train.rl.estimators import build_rows
+    from dlm.train.rl.loop import make_rows
+
+    _, r = rollout_batch(tiny_model(seed=2))
+    for shrink in (1, 3):
+        cfg = from_dict(RLRecipe, {"rl": {"init": "x", "estimator": "trajectory", "shrink": shrink, "group_size": 2}})
+        rows = make_rows(cfg, r, 63, None, 0, 0, 1, 0)
+        assert rows.inputs.shape[0] == 2 * -(-8 // shrink)  # 8 decoding steps per rollout
+        assert torch.equal(rows.inputs, build_rows("trajectory", r, 63, shrink=shrink).inputs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "estimator, block_causal",
+    [("trajectory", False), ("coupled", False), ("one_step", False), ("trajectory", True), ("coupled", True)],
+)
+def test_row_batch_size_does_not_change_the_log_probs(estimator, block_causal):
+    from dlm.train.rl.estimators import build_rows, token_logprobs
+
+    blocks = dict(attention_mode="block_causal", block_size=4) if block_causal else {}
+    model = tiny_model(seed=4, **blocks)
+    _, r = rollout_batch(model)
+    kw = {"generator": torch.Generator().manual_seed(3)} if estimator != "trajectory" else {}
+    rows = build_rows(estimator, r, 63, block_size=4 if block_causal else None, **kw)
+    assert rows.inputs.shape[0] >= 2  # several row batches at batch size 1
+    one, every = (token_logprobs(model, r, rows, 63, batch_size=n) for n in (1, rows.inputs.shape[0]))
+    assert (one[r.trainable] < 0).all()
+    torch.testing.assert_close(one, every, atol=1e-5, rtol=1e-5)
+
+
+def test_the_rl_loop_passes_norm_and_row_batch_size_and_row_batches_do_not_change_the_run(sft, tmp_path, monkeypatch):
+    import inspect
+
+    import dlm.train.rl.loop as loop
+
+    seen = {"norm": set(), "batch_size": set()}
+
+    def spy(name, arg):
+        real = getattr(loop, name)
+
+        def call(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            seen[arg].add(bound.arguments[arg])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(loop, name, call)
+
+    spy("policy_loss", "norm")
+    spy("token_logprobs", "batch_size")
+    finals = []
+    for batch in (1, 64):
+        cfg = to_dict(varied(recipe(sft, tmp_path / f"rows-{batch}", max_steps=1)))
+        cfg["rl"] = {**cfg["rl"], "norm": "sequence", "shrink": 2, "row_batch_size": batch, "eval_every": 100}
+        main(from_dict(RLRecipe, cfg))
+        finals.append(load_file(tmp_path / f"rows-{batch}" / "final" / "model.safetensors"))
+    assert seen == {"norm": {"sequence"}, "batch_size": {1, 64}}
+    initial = load_file(f"{sft}/final/model.safetensors")
+    assert any(not torch.equal(finals[0][k], initial[k]) for k in initial)
+    for k in initial:
+        torch.testing.assert_close(finals[0][k], finals[1][k], atol=1e-6, rtol=1e-5)

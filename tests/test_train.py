@@ -288,12 +288,154 @@ def test_sft_on_chat_data_end_to_end(tmp_path):
     assert result.bound == "nelbo" and result.val_ppl > 1 and len(result.losses) == 6
 
 
-def test_bf16_mixed_precision_on_cpu(tmp_path):
-    cfg = tiny_recipe(
-        tmp_path,
-        train={"mixed_precision": "bf16", "max_steps": 2, "save_every": 2, "eval_every": 2},
-        sample={"num_samples": 0},
+def log_records(run: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_log(run / "log.jsonl") if key in r}
+
+
+def test_grad_accum_equals_the_unaccumulated_global_batch(tmp_path):
+    """micro-batch 4 × accum 2 == micro-batch 8 × accum 1: the same global batch and noise, so the
+    same per-step loss and gradient norm (rel 1e-5: a mis-scaled accumulated gradient shows here even
+    where AdamW's scale invariance would hide it in the weights) and final weights (atol 1e-5, rtol
+    1e-4) — equal up to float32 summation order."""
+    runs = {}
+    for micro, accum in ((4, 2), (8, 1)):
+        train = {"micro_batch_size": micro, "grad_accum": accum, "max_steps": 4, "save_every": 4, "eval_every": 4}
+        cfg = tiny_recipe(
+            tmp_path, train={**train, "output_dir": str(tmp_path / f"accum{accum}")}, sample={"num_samples": 0}
+        )
+        runs[accum] = main(cfg)
+    a, b = tmp_path / "accum2", tmp_path / "accum1"
+    for key in ("loss", "grad_norm"):
+        la, lb = log_records(a, key), log_records(b, key)
+        assert la.keys() == lb.keys() == {1, 2, 3, 4}
+        for step in lb:
+            assert la[step] == pytest.approx(lb[step], rel=1e-5), (key, step)
+    wa, wb = weights(runs[2].model), weights(runs[1].model)
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert runs[2].val_ppl == pytest.approx(runs[1].val_ppl, rel=1e-4)
+
+
+def spy_on_model(monkeypatch, attach) -> None:
+    """Call ``attach(model)`` on the model the training loop builds (to register hooks)."""
+    import dlm.train.loop as loop
+
+    real = loop.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        attach(model)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_in_backward(tmp_path, monkeypatch):
+    """``model.gradient_checkpointing: true``: every layer's forward runs a second time inside the
+    backward pass (and only then), and the run trains exactly as without it."""
+    in_backward = [False]
+    real_backward = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        in_backward[0] = True
+        try:
+            return real_backward(self, *args, **kwargs)
+        finally:
+            in_backward[0] = False
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    calls = []  # (layer, in backward) of every training-mode layer forward of the current run
+
+    def attach(model):
+        for i, layer in enumerate(model.layers):
+            layer.register_forward_pre_hook(
+                lambda mod, args, i=i: calls.append((i, in_backward[0])) if mod.training else None
+            )
+
+    spy_on_model(monkeypatch, attach)
+    runs = {}
+    for ckpt in (False, True):
+        calls.clear()
+        train = {"max_steps": 2, "save_every": 2, "eval_every": 2, "output_dir": str(tmp_path / f"ckpt-{ckpt}")}
+        cfg = tiny_recipe(tmp_path, model={"gradient_checkpointing": ckpt}, train=train, sample={"num_samples": 0})
+        runs[ckpt] = (main(cfg), list(calls))
+    (plain, plain_calls), (ckpt, ckpt_calls) = runs[False], runs[True]
+    forward = [(i, False) for _ in range(2) for i in range(2)]  # 2 steps x 2 layers
+    assert plain_calls == forward
+    recomputed = [c for c in ckpt_calls if c[1]]
+    assert [c for c in ckpt_calls if not c[1]] == forward and sorted(recomputed) == sorted(
+        (i, True) for i, _ in forward
     )
-    result = main(cfg)
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
+    for k, v in weights(plain.model).items():
+        torch.testing.assert_close(weights(ckpt.model)[k], v)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_bf16_mixed_precision_runs_the_forward_in_bfloat16(tmp_path, monkeypatch, precision, dtype):
+    """``train.mixed_precision: bf16``: a Linear's output inside the model's forward is bfloat16
+    (CPU autocast) in training and validation steps; ``no`` keeps float32."""
+    seen = []
+
+    def attach(model):
+        linear = model.layers[0].mlp.down_proj
+        linear.register_forward_hook(lambda mod, args, out: seen.append((mod.training, out.dtype)))
+
+    spy_on_model(monkeypatch, attach)
+    train = {"mixed_precision": precision, "max_steps": 1, "save_every": 1, "eval_every": 1}
+    result = main(tiny_recipe(tmp_path, train=train, sample={"num_samples": 0}))
+    assert {training for training, _ in seen} == {True, False}  # training and validation forwards
+    assert {d for _, d in seen} == {dtype}
     assert all(math.isfinite(x) for x in result.losses)
     assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_keep_checkpoints_keeps_exactly_the_newest_n(tmp_path, monkeypatch):
+    import dlm.train.loop as loop
+
+    real_save = loop.save_checkpoint
+    after_each = []
+
+    def save(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        after_each.append([p.name for p in list_checkpoints(path.parent)])
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    train = {"max_steps": 5, "save_every": 1, "eval_every": 5, "keep_checkpoints": 3}
+    cfg = tiny_recipe(tmp_path, train=train, sample={"num_samples": 0})
+    main(cfg)
+    newest = lambda s: [f"checkpoint-{i}" for i in range(max(1, s - 2), s + 1)]  # noqa: E731
+    assert after_each == [newest(s) for s in range(1, 6)]
+    run = Path(cfg.train.output_dir)
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == newest(5)  # nothing else left
+
+
+def test_ema_weights_are_validated_and_exported(tmp_path, monkeypatch):
+    """``train.ema_decay > 0``: validation runs on the EMA shadow and ``final/`` holds it, while the
+    raw weights keep training (the returned model and checkpoints hold the raw weights)."""
+    import dlm.train.loop as loop
+
+    real_evaluate = loop.evaluate
+    evaluated = []
+
+    def evaluate(model, *args, **kwargs):
+        evaluated.append({k: v.detach().clone() for k, v in getattr(model, "module", model).named_parameters()})
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    train = {"max_steps": 4, "save_every": 2, "eval_every": 2, "ema_decay": 0.5}
+    cfg = tiny_recipe(tmp_path, train=train, sample={"num_samples": 0})
+    result = main(cfg)
+    run = Path(cfg.train.output_dir)
+    assert len(evaluated) == 2  # steps 2 and 4
+    for at, seen in zip((2, 4), evaluated):
+        ema = load_file(run / f"checkpoint-{at}" / "ema.safetensors")
+        raw = load_file(run / f"checkpoint-{at}" / "model.safetensors")
+        assert ema.keys() == seen.keys()
+        assert all(torch.equal(seen[k], ema[k]) for k in ema)  # validated with the EMA weights
+        assert any(not torch.equal(raw[k], ema[k]) for k in ema)  # which are not the raw weights
+    final = load_file(run / "final" / "model.safetensors")
+    assert all(torch.equal(final[k], ema[k]) for k in ema)
+    assert all(torch.equal(v, raw[k]) for k, v in weights(result.model).items() if k in raw)  # swapped back
+    assert result.val_ppl == log_records(run, "val_ppl")[4]  # the reported bound is the EMA model's
