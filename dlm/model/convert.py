@@ -450,7 +450,7 @@ def convert(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _stream(files, fam, renamed, target, rows, ShardWriter(tmp, max_shard_bytes))
+        _stream(files, renamed, target, rows, ShardWriter(tmp, max_shard_bytes))
         dlm_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "dlm_convert.json").write_text(
@@ -478,10 +478,13 @@ def _first_dtype(path: Path) -> torch.dtype:
     return torch.float32
 
 
-def _stream(files: list[Path], fam: Family, renamed: dict, dtype: torch.dtype, rows: int, writer: ShardWriter) -> None:
+def _stream(files: list[Path], renamed: dict, dtype: torch.dtype, rows: int, writer: ShardWriter) -> None:
+    """Read, rename, cast and write every wanted source tensor, one at a time."""
     from safetensors import safe_open
+    from tqdm.auto import tqdm
 
     wanted = {source_key: key for key, (_, source_key) in renamed.items()}
+    bar = tqdm(total=len(wanted), desc="dlm convert", unit="tensor", leave=False)
     for path in files:
         with safe_open(str(path), "pt") as f:
             for source_key in f.keys():
@@ -493,6 +496,8 @@ def _stream(files: list[Path], fam: Family, renamed: dict, dtype: torch.dtype, r
                     tensor = _grow_rows(tensor, rows)
                 writer.add(key, tensor)
                 del tensor
+                bar.update()
+    bar.close()
     writer.close()
 
 
