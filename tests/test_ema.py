@@ -70,3 +70,15 @@ def test_frozen_parameters_are_not_tracked():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     model[0].weight.requires_grad_(False)
     assert set(EMA(model, 0.9).shadow) == {"0.bias", "1.weight", "1.bias"}
+
+
+def test_loading_a_state_names_the_first_missing_parameter_and_ignores_extra_ones():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    ema = EMA(model, 0.9)
+    state = {name: torch.full_like(t, 3.0) for name, t in ema.state_dict().items()}
+    ema.load_state_dict({**state, "extra.weight": torch.zeros(1)})  # extra entries are not an error
+    assert all(bool((t == 3.0).all()) for t in ema.shadow.values())
+    for dropped in (["1.weight"], ["1.weight", "0.bias"]):  # the message names the first missing name
+        partial = {k: v for k, v in state.items() if k not in dropped}
+        with pytest.raises(ValueError, match=f"lacks {len(dropped)} parameters, e.g. {sorted(dropped)[0]}$"):
+            ema.load_state_dict(partial)
