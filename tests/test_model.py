@@ -269,3 +269,14 @@ def test_flash_attention_matches_sdpa_on_gpu():
         flash = set_backend(model, "flash")(x, attn_mode=mode).logits.float()
         sdpa = set_backend(model, "sdpa")(x, attn_mode=mode).logits.float()
         torch.testing.assert_close(flash, sdpa, atol=3e-2, rtol=3e-2)
+
+
+def test_structural_masks_compare_mode_names_by_value():
+    """A mode name read from a config is an equal string, not the same object as dlm's literal."""
+    idx = torch.arange(6)
+    mode = "".join(["bi", "directional"])
+    assert masks.structural_mask(mode, idx[:, None], idx[None, :], None) is None
+    causal = "".join(["cau", "sal"])
+    assert torch.equal(
+        masks.structural_mask(causal, idx[:, None], idx[None, :], None), masks.causal(idx[:, None], idx[None, :])
+    )
