@@ -19,6 +19,7 @@ flex attention (a block-sparse mask) on request, and an eager reference implemen
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,9 +51,14 @@ class AttentionSpec:
 
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in HALF and _flash_installed()
+
+
+@functools.cache
+def _flash_installed() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("flash_attn") is not None and device.type == "cuda" and dtype in HALF
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -153,7 +159,7 @@ class RotaryEmbedding(nn.Module):
     """RoPE. dlm's own context extension: ``linear`` divides positions by the factor (position
     interpolation); ``ntk`` raises the base to ``theta · factor^(d/(d-2))``. With ``rope_config``
     (converted checkpoints) the frequencies and the cos/sin scaling come from
-    ``transformers.modeling_rope_utils`` (linear, dynamic NTK, yarn, llama3, longrope), exactly as
+    ``transformers.modeling_rope_utils`` (linear, dynamic NTK, yarn, llama3), exactly as
     the source model computes them.
 
     The frequencies are computed per call rather than kept as a buffer: a non-persistent
@@ -190,7 +196,8 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)), 1.0
 
     def forward(self, position_ids_BT: Tensor) -> tuple[Tensor, Tensor]:
-        seq_len = int(position_ids_BT.max()) + 1 if self.hf_config is not None else None
+        dynamic = self.hf_config is not None and self.hf_config.rope_parameters["rope_type"] == "dynamic"
+        seq_len = int(position_ids_BT.max()) + 1 if dynamic else None  # dynamic NTK rescales with the length
         inv_freq, scale = self.inv_freq(position_ids_BT.device, seq_len)
         angles = position_ids_BT.float()[..., None] * self.position_scale * inv_freq  # [B, T, D/2]
         emb = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, D]
