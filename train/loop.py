@@ -177,11 +177,13 @@ def main(cfg: RecipeConfig) -> TrainResult:
     # --- data and tokenizer: the main process trains/loads the tokenizer, the others reuse it
     tok_dir = out / "tokenizer"
     with accelerator.main_process_first():
+        # model.init_from of another family is converted once, by the main process first (others reuse it)
+        init_dir = init_checkpoint(cfg.model.init_from) if cfg.model.init_from is not None else None
         tokenizer = None
         if resume_from is not None:
             tokenizer = AutoTokenizer.from_pretrained(resume_from)
-        elif cfg.model.init_from is not None and cfg.tokenizer.name_or_path is None:
-            tokenizer = AutoTokenizer.from_pretrained(init_checkpoint(cfg.model.init_from))  # the model's own
+        elif init_dir is not None and cfg.tokenizer.name_or_path is None:
+            tokenizer = AutoTokenizer.from_pretrained(init_dir)  # the starting model's own
         elif not accelerator.is_main_process:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         data = build_data(cfg.data, cfg.tokenizer, cfg.seed, tokenizer=tokenizer)

@@ -459,6 +459,11 @@ def convert(
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
