@@ -481,3 +481,8 @@ def test_first_hitting_k_per_call_decodes_everything_in_ceil_l_over_k_calls():
     assert not (out.generated == 7).any()
     assert (out.nfe == 4).all() and out.model_calls == 4  # ceil(10 / 3)
     assert all(sorted(torch.bincount(row[2:]).tolist()) == [1, 3, 3, 3] for row in out.step_map)
+
+
+def test_first_hitting_refuses_fewer_than_one_token_per_call():
+    with pytest.raises(ValueError, match="tokens_per_call=0 must be >= 1"):
+        build_decoder("first_hitting", gen_length=8, tokens_per_call=0)
