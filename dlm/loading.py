@@ -1,4 +1,4 @@
-"""One loader for every entry point: ``dlm.load(path_or_hub_id) -> (model, tokenizer)``.
+"""One loader for every entry point: ``dlm.load(path_or_hub_id) -> (model, tokenizer, path)``.
 
 Accepts a dlm model directory, a training ``output_dir`` (its ``final/`` or newest checkpoint), a
 checkpoint of a family ``dlm convert`` knows (LLaDA, Dream, SDAR, Llama, Qwen2, Qwen3; converted on
@@ -45,8 +45,13 @@ def locate(name_or_path: str | Path) -> Path:
     return resolve_checkpoint(name)
 
 
+def dlm_cache() -> Path:
+    """dlm's cache directory: ``$DLM_CACHE``, default ``~/.cache/dlm`` (converted models, lm-eval task data)."""
+    return Path(os.environ.get("DLM_CACHE", "~/.cache/dlm")).expanduser()
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("DLM_CACHE", "~/.cache/dlm")).expanduser() / "converted"
+    return dlm_cache() / "converted"
 
 
 def converted(source: Path, config: dict, family: str | None = None) -> Path:

@@ -9,7 +9,6 @@ and the settings go to the terminal and, with ``--output``, to a JSON file.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -32,7 +31,9 @@ MODEL_OPTIONS = (  # CLI option -> model_args key (None values are left out)
 
 
 def task_dir() -> Path:
-    return Path(os.environ.get("DLM_CACHE", "~/.cache/dlm")).expanduser() / "lm_eval_tasks"
+    from dlm.loading import dlm_cache
+
+    return dlm_cache() / "lm_eval_tasks"
 
 
 def main(args) -> int:
