@@ -483,6 +483,26 @@ def test_first_hitting_k_per_call_decodes_everything_in_ceil_l_over_k_calls():
     assert all(sorted(torch.bincount(row[2:]).tolist()) == [1, 3, 3, 3] for row in out.step_map)
 
 
+def test_first_hitting_k_per_call_records_k_successive_exact_first_hitting_times():
+    """With k tokens per call the tokens come from one model output, but the times stay exact: the
+    k positions of a call take k successive first-hitting times (n, n − 1, …, n − k + 1 masked), so
+    the L times are still L iid U(0, 1) draws (loglinear, α_t = 1 − t), distinct within a call, and
+    the largest belongs to the first call. KS at the 1% level."""
+    n, length, k = 6000, 6, 3
+    dec = build_decoder("first_hitting", gen_length=length, steps=length, tokens_per_call=k, mask_token_id=7)
+    out = dec(Constant(), torch.zeros(n, 0, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    times, steps = out.times, out.step_map
+    assert torch.isfinite(times).all() and (steps.max(1).values == 1).all()  # two calls of 3
+    first_call = times.masked_fill(steps != 0, -1.0).sort(dim=1, descending=True).values[:, :k]
+    assert (first_call[:, :-1] > first_call[:, 1:]).all()  # k different times in one call
+    assert torch.equal(first_call[:, 0], times.max(1).values)
+    later = times.masked_fill(steps == 0, 2.0).min(1).values
+    assert (later < first_call[:, -1]).all()  # every later call is later in reverse time
+    for sample, law in ((times.flatten(), lambda t: t), (times.max(1).values, lambda t: t**length)):
+        d = ks_distance(sample, law)
+        assert d < 1.63 / math.sqrt(len(sample)), d
+
+
 def test_first_hitting_refuses_fewer_than_one_token_per_call():
     with pytest.raises(ValueError, match="tokens_per_call=0 must be >= 1"):
         build_decoder("first_hitting", gen_length=8, tokens_per_call=0)

@@ -1,27 +1,42 @@
 """Mutation score of dlm's core math with cosmic-ray (``pip install -e ".[mutation]"``).
 
-    python tests/mutation/run.py                       # every module below (hours on 2 cores)
+    python tests/mutation/run.py                          # every module below, two lanes
     python tests/mutation/run.py train/ema.py dlm/model/masks.py
+    python tests/mutation/run.py --rerun-survivors        # after adding tests: retry only the survivors
+    python tests/mutation/run.py --fresh                  # forget earlier sessions
 
-Each module is mutated in place, one mutant at a time, and only the tests that cover it run
-against each mutant (``-x``, a per-mutant timeout), so a module takes minutes rather than a full
-suite per mutant. Sessions live in ``$DLM_MUTATION_DIR`` (default ``/tmp/dlm-mutation``) and resume
-where they stopped; ``summary.json`` / ``summary.md`` there hold the score per module and every
-surviving mutant's diff. cosmic-ray restores each file after its mutant; check ``git status`` if a run
-was killed. Surviving mutants are either killed by a new test or listed, with the reason they are
-equivalent, in ``docs`` of the issue that ran them.
+Each lane is a copy of the repository (tracked and untracked, non-ignored files) under
+``$DLM_MUTATION_DIR`` (default ``/tmp/dlm-mutation``), so the checkout is never mutated and stays
+usable while a run goes on. A lane's modules are mutated one mutant at a time, and only the tests
+that cover a module run against its mutants (``-x``, a per-mutant timeout) in a warm pytest
+(``forkserver.py``: torch and transformers imported once, a fresh fork per mutant).
+
+Mutants inside annotations and docstrings are skipped (with ``from __future__ import annotations``
+they are strings that never run); every other mutant of cosmic-ray's core operators is scored.
+Sessions resume where they stopped and are re-created when a module's source changed;
+``summary.json`` / ``summary.md`` hold per module the counts, the score, the wall time and every
+surviving mutant's diff. ``docs/testing.md`` lists the survivors judged equivalent and why.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import hashlib
 import json
 import os
+import shlex
+import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PYTEST = "python -m pytest -x -q -p no:cacheprovider"
+HERE = Path(__file__).resolve().parent
+PYTEST = "-x -q -p no:cacheprovider"
 
 #: module -> the tests that cover it (slow statistical tests left out where a faster one covers the same code)
 MODULES: dict[str, str] = {
@@ -42,49 +57,170 @@ MODULES: dict[str, str] = {
 }
 
 
-def run_module(module: str, tests: str, work: Path, timeout: float = 120.0) -> dict:
-    """Init (once), execute the pending mutants and return the module's counts and survivors.
-    cosmic-ray runs the test command from the repository root (the working directory of ``exec``)."""
-    session = work / (module.replace("/", "_").removesuffix(".py") + ".sqlite")
-    config = session.with_suffix(".toml")
+def make_lane(lane: Path) -> None:
+    """A fresh copy of the checkout's files (what ``git`` would commit, plus untracked new files)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
+    if lane.exists():
+        shutil.rmtree(lane)
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (lane / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, lane / rel)
+
+
+def inert_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions of annotations and docstrings: code that never runs."""
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        notes = []
+        if isinstance(node, ast.arg | ast.AnnAssign) and node.annotation is not None:
+            notes.append(node.annotation)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns is not None:
+            notes.append(node.returns)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                notes.append(first)
+        spans += [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in notes]
+    return spans
+
+
+def skip_inert(session: Path, source: str) -> int:
+    """Mark mutants inside annotations or docstrings as skipped; returns how many."""
+    spans = inert_spans(source)
+    db = sqlite3.connect(session)
+    rows = db.execute(
+        "SELECT job_id, start_pos_row, start_pos_col, end_pos_row, end_pos_col FROM mutation_specs"
+        " WHERE job_id NOT IN (SELECT job_id FROM work_results)"
+    ).fetchall()
+    inert = [job for job, *pos in rows if any(a <= tuple(pos[:2]) and tuple(pos[2:]) <= b for a, b in spans)]
+    db.executemany(
+        "INSERT INTO work_results (worker_outcome, output, test_outcome, diff, job_id) VALUES ('SKIPPED', NULL, NULL, NULL, ?)",
+        [(job,) for job in inert],
+    )
+    db.commit()
+    return db.execute("SELECT COUNT(*) FROM work_results WHERE lower(worker_outcome) = 'skipped'").fetchone()[0]
+
+
+def run_module(module: str, lane: Path, sock: Path, work: Path, rerun_survivors: bool, timeout: float) -> dict:
+    name = module.replace("/", "_").removesuffix(".py")
+    session, config = work / f"{name}.sqlite", work / f"{name}.toml"
+    source = (lane / module).read_text()
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    stamp = work / f"{name}.source"
+    if session.exists() and (not stamp.exists() or stamp.read_text() != digest):
+        session.unlink()  # the source changed: old mutants no longer line up with it
+    client = f"{sys.executable} {HERE / 'forkserver.py'} run {sock} -- {PYTEST} {MODULES[module]}"
     config.write_text(
         "[cosmic-ray]\n"
-        f'module-path = "{ROOT / module}"\n'
+        f'module-path = "{lane / module}"\n'
         f"timeout = {timeout}\n"
         "excluded-modules = []\n"
-        f'test-command = "{PYTEST} {tests}"\n'
+        f'test-command = "{client}"\n'
         '[cosmic-ray.distributor]\nname = "local"\n'
     )
     if not session.exists():
-        subprocess.run(["cosmic-ray", "init", str(config), str(session)], check=True, cwd=ROOT)
-    subprocess.run(["cosmic-ray", "exec", str(config), str(session)], check=True, cwd=ROOT)
-    dump = subprocess.run(["cosmic-ray", "dump", str(session)], check=True, capture_output=True, text=True, cwd=ROOT)
-    counts = {"killed": 0, "survived": 0, "incompetent": 0, "pending": 0}
+        subprocess.run(["cosmic-ray", "init", str(config), str(session)], check=True, cwd=lane)
+        stamp.write_text(digest)
+    skipped = skip_inert(session, source)
+    if rerun_survivors:
+        db = sqlite3.connect(session)
+        db.execute("DELETE FROM work_results WHERE lower(test_outcome) = 'survived'")
+        db.commit()
+    baseline = subprocess.run(shlex.split(client), cwd=lane)
+    if baseline.returncode != 0:
+        raise SystemExit(f"{module}: its tests fail without a mutant (exit {baseline.returncode}); fix them first")
+    started = time.perf_counter()
+    subprocess.run(["cosmic-ray", "exec", str(config), str(session)], check=True, cwd=lane, capture_output=True)
+    seconds = time.perf_counter() - started
+    counts = {"killed": 0, "survived": 0, "incompetent": 0, "pending": 0, "skipped": skipped}
     survivors = []
-    for line in dump.stdout.splitlines():
-        job, result = json.loads(line)
-        outcome = (result or {}).get("test_outcome") or "pending"
-        counts[outcome if outcome in counts else "incompetent"] += 1
+    db = sqlite3.connect(session)
+    for outcome, worker, diff in db.execute(
+        "SELECT lower(r.test_outcome), lower(r.worker_outcome), r.diff FROM work_items w LEFT JOIN work_results r USING (job_id)"
+    ):
+        if worker == "skipped":
+            continue
+        key = outcome if outcome in counts else ("pending" if worker is None else "incompetent")
+        counts[key] += 1
         if outcome == "survived":
-            survivors.append(result.get("diff", ""))
+            survivors.append(diff)
     scored = counts["killed"] + counts["survived"]
-    return {**counts, "score": counts["killed"] / scored if scored else None, "survivors": survivors}
+    return {**counts, "score": counts["killed"] / scored if scored else None, "seconds": round(seconds), "survivors": survivors}
 
 
-def main(modules: list[str]) -> int:
+def lane_worker(modules, lane, work, args, summary, lock) -> None:
+    sock = work / f"{lane.name}.sock"
+    server = subprocess.Popen(
+        [sys.executable, str(HERE / "forkserver.py"), "serve", str(sock), str(lane),
+         *sorted({t for m in modules for t in MODULES[m].split() if t.endswith(".py")})],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        print(server.stdout.readline().strip(), flush=True)
+        for module in modules:
+            result = run_module(module, lane, sock, work, args.rerun_survivors, args.timeout)
+            with lock:
+                summary[module] = result
+                (work / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"{module}: {result['killed']} killed, {result['survived']} survived, "
+                  f"{result['skipped']} skipped (inert), {result['seconds']}s", flush=True)
+    finally:
+        server.kill()
+
+
+def sessions_size(work: Path, module: str) -> int:
+    """Mutants in a module's session (0 before its first run): used to balance the lanes."""
+    session = work / (module.replace("/", "_").removesuffix(".py") + ".sqlite")
+    if not session.exists():
+        return len((ROOT / module).read_text())  # source length as a proxy
+    return sqlite3.connect(session).execute("SELECT COUNT(*) FROM work_items").fetchone()[0] * 40
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all)")
+    parser.add_argument("--lanes", type=int, default=2, help="parallel copies of the repository (default 2)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant (default 120)")
+    parser.add_argument("--rerun-survivors", action="store_true", help="retry the survivors of earlier sessions")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier sessions first")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"unknown module(s) {', '.join(unknown)}; modules: {', '.join(MODULES)}")
     work = Path(os.environ.get("DLM_MUTATION_DIR", "/tmp/dlm-mutation"))
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     summary_path = work / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    for module in modules or list(MODULES):
-        if module not in MODULES:
-            raise SystemExit(f"unknown module {module!r}; modules: {', '.join(MODULES)}")
-        summary[module] = run_module(module, MODULES[module], work)
-        summary_path.write_text(json.dumps(summary, indent=2))
-    lines = ["| module | killed | survived | incompetent | score |", "|---|---|---|---|---|"]
-    for module, r in summary.items():
-        score = "—" if r["score"] is None else f"{100 * r['score']:.1f}%"
-        lines.append(f"| {module} | {r['killed']} | {r['survived']} | {r['incompetent']} | {score} |")
+    modules = sorted(args.modules or MODULES, key=lambda m: -sessions_size(work, m))
+    lanes: list[list[str]] = [[] for _ in range(max(1, args.lanes))]
+    loads = [0] * len(lanes)
+    for module in modules:  # greedy: the biggest module to the least-loaded lane
+        i = loads.index(min(loads))
+        lanes[i].append(module)
+        loads[i] += sessions_size(work, module)
+    lock = threading.Lock()
+    threads = []
+    for i, lane_modules in enumerate(lanes):
+        if not lane_modules:
+            continue
+        lane = work / f"lane-{i}"
+        make_lane(lane)
+        threads.append(threading.Thread(target=lane_worker, args=(lane_modules, lane, work, args, summary, lock)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    lines = ["| module | killed | survived | skipped (inert) | score | time |", "|---|---|---|---|---|---|"]
+    for module in MODULES:
+        r = summary.get(module)
+        if r:
+            score = "—" if r["score"] is None else f"{100 * r['score']:.1f}%"
+            lines.append(f"| {module} | {r['killed']} | {r['survived']} | {r.get('skipped', 0)} | {score} | {r.get('seconds', '?')} s |")
     (work / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,0 +1,133 @@
+"""A warm pytest for mutation runs: import the heavy libraries once, fork a fresh pytest per mutant.
+
+Most of a mutant's test time is Python importing torch and transformers, not the tests. The server
+imports every third-party module the selected tests load (never dlm itself, which the mutant
+changes), then serves one request at a time: fork, run ``pytest.main(args)`` in the child (which
+imports the mutated dlm fresh), answer with its exit code. The client is cosmic-ray's test command.
+
+    python tests/mutation/forkserver.py serve SOCKET LANE TEST_ARGS...    # warms up, then serves
+    python tests/mutation/forkserver.py run SOCKET -- PYTEST_ARGS...       # one pytest run in LANE
+
+``LANE`` is a copy of the repository; the server maps the import names ``dlm``, ``dlm.train``,
+``dlm.decode`` and ``dlm.eval`` to that copy (as the editable install does for the checkout), so
+lanes mutate their own files in parallel without touching the checkout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: import name -> folder of the repository it comes from (pyproject's package-dir)
+PACKAGES = {"dlm": "dlm", "dlm.train": "train", "dlm.decode": "decode", "dlm.eval": "eval"}
+OWN = ("dlm", "tests", "conftest", "test_", "references", "__main__", "__mp_main__")
+
+
+class LaneFinder(importlib.abc.MetaPathFinder):
+    """Resolve dlm's packages to one lane's copy of the repository."""
+
+    def __init__(self, lane: Path):
+        self.lane = lane
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in PACKAGES:
+            return None
+        folder = self.lane / PACKAGES[name]
+        return importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+
+
+def _third_party_modules(lane: Path, test_args: list[str]) -> list[str]:
+    """The modules a collection of the selected tests imports, minus dlm and the tests themselves."""
+    probe = (
+        "import sys, json, pytest\n"
+        f"sys.meta_path.insert(0, __import__('forkserver').LaneFinder(__import__('pathlib').Path({str(lane)!r})))\n"
+        "pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', *sys.argv[1:]])\n"
+        "sys.stderr.write('\\nMODULES ' + json.dumps(list(sys.modules)) + '\\n')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONDONTWRITEBYTECODE": "1"}
+    out = subprocess.run([sys.executable, "-c", probe, *test_args], cwd=lane, env=env, capture_output=True, text=True)
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("MODULES "))
+    return [m for m in json.loads(line.removeprefix("MODULES ")) if not m.startswith(OWN)]
+
+
+def serve(sock_path: str, lane: Path, test_args: list[str], timeout: float = 300.0) -> None:
+    sys.dont_write_bytecode = True  # a mutant and the original can share a size and an mtime second
+    os.chdir(lane)
+    sys.path.insert(0, str(lane))
+    sys.meta_path.insert(0, LaneFinder(lane))
+    started = time.perf_counter()
+    warmed = 0
+    for name in _third_party_modules(lane, test_args):
+        try:
+            importlib.import_module(name)
+            warmed += 1
+        except Exception:  # noqa: BLE001  (an optional module a test guards; the child imports it or skips)
+            pass
+    import pytest  # noqa: F401
+    import torch
+
+    torch.set_num_threads(1)  # lanes run side by side; forked children must not inherit a warm thread pool
+    if os.path.exists(sock_path):
+        os.unlink(sock_path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)
+    server.listen(1)
+    print(f"forkserver {lane}: {warmed} modules warm in {time.perf_counter() - started:.1f}s", flush=True)
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            args = json.loads(conn.makefile().readline())
+            conn.sendall(f"{_run_child(args, timeout)}\n".encode())
+
+
+def _run_child(args: list[str], timeout: float) -> int:
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh pytest over the (possibly mutated) lane
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        import pytest
+
+        try:
+            code = int(pytest.main(args))
+        except BaseException:  # noqa: BLE001  (a mutant that breaks pytest itself is killed)
+            code = 3
+        os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return 124  # a mutant that hangs the tests counts as killed, as cosmic-ray's own timeout does
+
+
+def run(sock_path: str, args: list[str]) -> int:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(sock_path)
+    client.sendall((json.dumps(args) + "\n").encode())
+    return int(client.makefile().readline())
+
+
+if __name__ == "__main__":
+    mode, sock = sys.argv[1], sys.argv[2]
+    if mode == "serve":
+        serve(sock, Path(sys.argv[3]).resolve(), sys.argv[4:])
+    elif mode == "run":
+        sys.exit(run(sock, sys.argv[sys.argv.index("--") + 1 :]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: serve or run")
