@@ -222,22 +222,48 @@ def test_approximate_caches_decode_each_row_of_a_ragged_batch_as_alone(cache, ex
 
 @pytest.mark.parametrize("cache", ["prefix", "dual", "delayed"])
 @pytest.mark.parametrize("block_causal", [False, True])
+@pytest.mark.parametrize("prompt_len", [6, 1], ids=["ragged-prompts", "one-token-prompt"])
 @SHIFT
-def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal, shift):
+def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal, prompt_len, shift):
+    """A one-token prompt puts the block at column 1: a shifted model must still be fed column 0."""
     from dlm.decode.caches import make_runner
 
     model = block_model(4, shift) if block_causal else tiny_model(logits_shift=shift)
-    prompt, pad = ragged(3)
+    prompt, pad = ragged(3) if prompt_len > 1 else (torch.randint(0, 63, (3, 1)), torch.ones(3, 1, dtype=torch.long))
+    start = prompt_len + 2 if prompt_len > 1 else 1  # a block after decoded tokens, or right after the prompt
+    end = start + 4
     x = torch.cat([prompt, torch.full((3, 12), 63)], dim=1)
-    x[:, 8:10] = torch.randint(0, 63, (3, 2))  # some decoded tokens in the block [8, 12)
+    x[:, prompt_len:start] = torch.randint(0, 63, (3, start - prompt_len))  # decoded before the block
+    x[:, start + 1] = torch.randint(0, 63, (3,))  # and one inside it (the block's first column stays masked)
     canvas_pad = torch.cat([pad, torch.ones(3, 12, dtype=torch.long)], dim=1)
-    full = make_runner("none", model, 3, 18, 63, 8, True)(x, canvas_pad, 8, 12, True)
-    runner = make_runner(cache, model, 3, 18, 63, 8, True)
-    first = runner(x, canvas_pad, 8, 12, True)
-    again = runner(x, canvas_pad, 8, 12, False)  # fed from the cache
+    T = x.shape[1]
+    full = make_runner("none", model, 3, T, 63, 8, True)(x, canvas_pad, start, end, True)
+    runner = make_runner(cache, model, 3, T, 63, 8, True)
+    first = runner(x, canvas_pad, start, end, True)
+    again = runner(x, canvas_pad, start, end, False)  # fed from the cache
     torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
-    masked = x[:, 8:12] == 63
+    masked = x[:, start:end] == 63
     torch.testing.assert_close(again[masked], full[masked], atol=1e-5, rtol=1e-5)
+
+
+def test_delayed_cache_scores_each_row_as_alone_when_rows_have_different_stale_counts():
+    """Rows with fewer stale columns are padded with a repeat of their last one, which must be
+    scored once: each row's logits equal those of the same calls on that row alone."""
+    from dlm.decode.caches import make_runner
+
+    model = tiny_model()
+    torch.manual_seed(0)
+    x = torch.cat([torch.randint(0, 63, (2, 4)), torch.full((2, 8), 63)], dim=1)  # the last block [4, 12)
+    x[0, 4:8] = torch.randint(0, 63, (4,))  # row 0: half the block decoded before the refresh
+    later = x.clone()
+    later[1, 11] = 5  # row 1 decodes one more token after it
+    runner = make_runner("delayed", model, 2, 12, 63, 8, True)
+    runner(x, None, 4, 12, True)  # a refresh: nothing is stale
+    batched = runner(later, None, 4, 12, False)  # stale columns: row 0 four, row 1 eight
+    for row in range(2):
+        alone = make_runner("delayed", model, 1, 12, 63, 8, True)
+        alone(x[row : row + 1], None, 4, 12, True)
+        torch.testing.assert_close(batched[row], alone(later[row : row + 1], None, 4, 12, False)[0])
 
 
 @pytest.mark.parametrize(
@@ -255,8 +281,9 @@ def test_prefix_and_dual_caches_feed_what_they_promise(cache, fed):
 
 
 @pytest.mark.parametrize("refresh_every, refreshes", [(5, {0, 4, 8, 12}), (2, {0, 2, 4, 6, 8, 10, 12, 14})])
-def test_delayed_cache_feeds_masked_tokens_and_each_decoded_token_once_more(refresh_every, refreshes):
-    model = Counting(tiny_model())
+@pytest.mark.parametrize("mask_id", [63, 0], ids=["mask-last", "mask-first"])  # LLaDA's is not the last id
+def test_delayed_cache_feeds_masked_tokens_and_each_decoded_token_once_more(refresh_every, refreshes, mask_id):
+    model = Counting(tiny_model(mask_token_id=mask_id))
     dec = build_decoder(
         "confidence",
         gen_length=16,
@@ -266,7 +293,7 @@ def test_delayed_cache_feeds_masked_tokens_and_each_decoded_token_once_more(refr
         cache="delayed",
         refresh_every=refresh_every,
     )
-    dec(model, torch.randint(0, 63, (1, 8)))
+    dec(model, torch.randint(1, 63, (1, 8)))
     # full forwards (24 columns) at block starts and every r calls; any other call i (one token
     # decoded per step) feeds the 16 - i masked columns + the one decoded at call i - 1
     assert model.fed == [24 if i in refreshes else 16 - i + 1 for i in range(16)]

@@ -286,6 +286,48 @@ def test_coupled_and_one_step_rows_on_a_block_causal_model_read_clean_earlier_bl
     assert torch.isfinite(lp).all() and (lp[r.trainable] < 0).all()
 
 
+@pytest.mark.parametrize("name, kw", [("trajectory", {"shrink": 1}), ("coupled", {}), ("one_step", {})])
+def test_rows_of_rollout_slices_concatenate_to_the_rows_of_the_batch(name, kw):
+    """dlm rl builds rows per prompt group and concatenates them; a slice where nothing was decoded
+    gives rows of the same width (alignment offset, paired halves) with no targets (trajectory: no
+    rows at all), and scores nothing."""
+    from dlm.train.rl.estimators import concat_rows
+
+    model, _, r = block_causal_rollouts("confidence", 4, steps=16)
+    idle = Rollouts(r.tokens[:1], torch.full_like(r.step_map[:1], -1), r.prompt_length, r.pad[:1])
+    sliced = [idle, r.select(slice(0, 1)), r.select(slice(1, 2)), r.select(slice(2, 3))]
+    whole = Rollouts(*(torch.cat([s.tokens, r.tokens]) for s in (idle,)), prompt_length=r.prompt_length,
+                     step_map=torch.cat([idle.step_map, r.step_map]), pad=torch.cat([idle.pad, r.pad]))
+    parts = [build_rows(name, s, MASK, generator=torch.Generator().manual_seed(i), block_size=4, **kw)
+             for i, s in enumerate(sliced)]
+    assert parts[0].inputs.shape[1] == parts[1].inputs.shape[1] and not parts[0].targets.any()
+    assert (parts[0].inputs.shape[0] == 0) == (name == "trajectory")
+    plain = build_rows(name, idle, MASK, generator=torch.Generator().manual_seed(0), **kw)  # no blocks: unpaired
+    assert plain.inputs.shape[1] == r.tokens.shape[1] and not plain.targets.any()
+    rows = concat_rows(parts, [1, 1, 1, 1])
+    assert rows.owner.tolist() == sum(([b] * len(p.owner) for b, p in enumerate(parts)), [])
+    with torch.no_grad():
+        logp = token_logprobs(model, whole, rows, MASK)
+        for b, (s, p) in enumerate(zip(sliced, parts)):
+            torch.testing.assert_close(logp[b : b + 1], token_logprobs(model, s, p, MASK))
+    assert (logp[0] == 0).all() and (logp[1:][r.trainable] < 0).all()
+
+
+def test_paired_rows_put_both_halves_at_the_canvas_positions():
+    """``[z ⊕ x]`` rows give each half the positions the decoder used: left padding takes none."""
+    model, _, r = block_causal_rollouts("confidence", 4, steps=16)
+    rows = build_rows("trajectory", r, MASK, shrink=1, block_size=4)
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: seen.append(kw["position_ids"]) or forward(*a, **kw)
+    with torch.no_grad():
+        token_logprobs(model, r, rows, MASK, batch_size=len(rows.owner))
+    pad = torch.cat([torch.zeros(3, rows.offset, dtype=torch.long), r.pad], 1)
+    canvas = (pad.cumsum(-1) - 1).clamp(min=0)[rows.owner]
+    assert torch.equal(seen[0], torch.cat([canvas, canvas], 1))
+    assert seen[0][rows.owner == 1, rows.offset + 2].eq(0).all()  # row 1's first real token is position 0
+
+
 def test_random_rows_are_new_per_inner_update_and_do_not_depend_on_left_padding():
     from dlm.config import from_dict
     from dlm.train.rl.loop import RLRecipe, make_rows

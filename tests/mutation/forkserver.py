@@ -5,6 +5,13 @@ imports every third-party module the selected tests load (never dlm itself, whic
 changes), then serves one request at a time: fork, run ``pytest.main(args)`` in the child (which
 imports the mutated dlm fresh), answer with its exit code. The client is cosmic-ray's test command.
 
+Tests are chosen by coverage, as mutmut does: at start the server records which tests execute each
+line of dlm (one traced run of the selected test files). A mutant first runs only the tests that
+execute the lines it changed; if they all pass, the whole selection runs before the mutant is
+reported as surviving. Lines that run at import time (signatures, defaults, decorators, constants)
+and lines no test executes always get the whole selection, so coverage only ever saves time: a
+mutant is never reported as surviving tests that were not run.
+
     python tests/mutation/forkserver.py serve SOCKET LANE TEST_ARGS...    # warms up, then serves
     python tests/mutation/forkserver.py run SOCKET -- PYTEST_ARGS...       # one pytest run in LANE
 
@@ -26,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+import difflib
 from pathlib import Path
 
 #: import name -> folder of the repository it comes from (pyproject's package-dir)
@@ -62,6 +70,79 @@ def _third_party_modules(lane: Path, test_args: list[str]) -> list[str]:
     return [m for m in json.loads(line.removeprefix("MODULES ")) if not m.startswith(OWN)]
 
 
+class TestMap:
+    """Which tests execute each line of the lane's dlm sources, and the sources as they were."""
+
+    def __init__(self, lane: Path, test_files: list[str]):
+        self.lane = lane
+        self.pristine = {p: p.read_text() for d in set(PACKAGES.values()) for p in (lane / d).rglob("*.py")}
+        out = lane / ".testmap.json"
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_trace(lane, test_files, out))
+        os.waitpid(pid, 0)
+        raw = json.loads(out.read_text())
+        self.lines = {Path(f): {int(k): set(v) for k, v in by_line.items()} for f, by_line in raw.items()}
+
+    def changed_lines(self) -> dict[Path, set[int]]:
+        """Lines (numbered as in the pristine source) that differ from it now."""
+        changed = {}
+        for path, before in self.pristine.items():
+            now = path.read_text()
+            if now == before:
+                continue
+            old, new = before.splitlines(), now.splitlines()
+            lines = set()
+            for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+                if tag != "equal":
+                    lines |= set(range(i1 + 1, max(i2, i1 + 1) + 1))
+            changed[path] = lines
+        return changed
+
+    def tests_for(self, changed: dict[Path, set[int]]) -> list[str] | None:
+        """Node ids of the tests that execute every changed line, or None when only the whole
+        selection will do (a line run at import time, or by no test)."""
+        chosen: set[str] = set()
+        for path, lines in changed.items():
+            by_line = self.lines.get(path, {})
+            for line in lines:
+                tests = by_line.get(line)
+                if not tests or "" in tests:
+                    return None
+                chosen |= tests
+        return sorted(chosen)
+
+
+def _trace(lane: Path, test_files: list[str], out: Path) -> int:
+    """In a forked child: run the tests under coverage with one context per test; write the map."""
+    import coverage
+    import pytest
+
+    cov = coverage.Coverage(data_file=None, source=[str(lane / d) for d in set(PACKAGES.values())])
+
+    class Contexts:
+        def pytest_runtest_setup(self, item):
+            cov.switch_context(item.nodeid)
+
+        def pytest_runtest_teardown(self, item):
+            cov.switch_context("")
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    cov.start()
+    pytest.main(["-q", "-p", "no:cacheprovider", *test_files], plugins=[Contexts()])
+    cov.stop()
+    data = cov.get_data()
+    data.set_query_contexts(None)
+    result = {}
+    for f in data.measured_files():
+        by_line = data.contexts_by_lineno(f)
+        result[f] = {line: sorted(ctx) for line, ctx in by_line.items()}
+    out.write_text(json.dumps(result))
+    return 0
+
+
 def serve(sock_path: str, lane: Path, test_args: list[str], timeout: float = 300.0) -> None:
     sys.dont_write_bytecode = True  # a mutant and the original can share a size and an mtime second
     os.chdir(lane)
@@ -79,17 +160,35 @@ def serve(sock_path: str, lane: Path, test_args: list[str], timeout: float = 300
     import torch
 
     torch.set_num_threads(1)  # lanes run side by side; forked children must not inherit a warm thread pool
+    tests = TestMap(lane, [a for a in test_args if a.endswith(".py")])
     if os.path.exists(sock_path):
         os.unlink(sock_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(sock_path)
     server.listen(1)
-    print(f"forkserver {lane}: {warmed} modules warm in {time.perf_counter() - started:.1f}s", flush=True)
+    print(
+        f"forkserver {lane}: {warmed} modules warm, {sum(len(v) for v in tests.lines.values())} lines mapped "
+        f"to tests in {time.perf_counter() - started:.1f}s",
+        flush=True,
+    )
     while True:
         conn, _ = server.accept()
         with conn:
             args = json.loads(conn.makefile().readline())
-            conn.sendall(f"{_run_child(args, timeout)}\n".encode())
+            conn.sendall(f"{_run_selected(args, tests, timeout)}\n".encode())
+
+
+def _run_selected(args: list[str], tests: TestMap, timeout: float) -> int:
+    """The covering tests first; the whole selection only when they all pass (or none is known)."""
+    files = [a for a in args if a.endswith(".py")]
+    covering = tests.tests_for(tests.changed_lines())
+    if covering is not None:
+        covering = [t for t in covering if t.split("::")[0] in files]
+        if covering:
+            code = _run_child([a for a in args if a not in files] + covering, timeout)
+            if code not in (0, 5):  # 5: -k deselected every covering test
+                return code
+    return _run_child(args, timeout)
 
 
 def _run_child(args: list[str], timeout: float) -> int:
