@@ -435,3 +435,12 @@ def test_rows_reproduce_the_decoding_of_completions_with_eos(name, kw, cache, bl
         with torch.no_grad():
             lp = token_logprobs(model, r, rows, MASK)
         assert torch.isfinite(lp).all() and (lp[r.trainable] < 0).all()
+    # never-decoded positions are masked in every row whatever the rollout holds there (EOS, as
+    # the text view and saved rollouts of older versions show them)
+    shown = Rollouts(out.canvas.masked_fill(never, eos), r.step_map, r.prompt_length, r.pad)
+    for estimator, extra in (("trajectory", {"shrink": 1}), ("one_step", {}), ("coupled", {})):
+        a, b = (
+            build_rows(estimator, x, MASK, generator=torch.Generator().manual_seed(3), block_size=block, **extra)
+            for x in (r, shown)
+        )
+        assert torch.equal(a.inputs, b.inputs), estimator
