@@ -156,8 +156,9 @@ class DelayedRunner(Runner):
         if self.seen is None:
             self.seen = torch.full_like(x, -1)
         stale = (x != self.seen) | (x == self.mask_id)
-        if self.shifted and start > 0:  # each masked block column's logits come from the column before
-            stale[:, start - 1 : end - 1] |= x[:, start:end] == self.mask_id
+        if self.shifted:  # each masked block column's logits come from the column before (column 0's from itself)
+            lo = max(start, 1)
+            stale[:, lo - 1 : end - 1] |= x[:, lo:end] == self.mask_id
         if pad is not None:
             stale &= pad.bool()  # padding is never attended to: nothing to recompute
         refresh = new_block or self.since_refresh >= self.refresh_every
@@ -169,7 +170,7 @@ class DelayedRunner(Runner):
         # feed each row's stale columns (sorted; short rows repeat their last column, which
         # rewrites the same K/V) — the current block's masked columns are always among them
         count = stale.sum(dim=1)
-        n = int(count.max())
+        n = max(int(count.max()), 1)  # rows with nothing stale feed column ``start``, unscored
         order = torch.where(stale, torch.arange(T, device=x.device), T).sort(dim=1).values[:, :n]
         last = order.gather(1, (count - 1).clamp(min=0)[:, None])
         slots = torch.where(order < T, order, last)

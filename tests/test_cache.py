@@ -222,48 +222,82 @@ def test_approximate_caches_decode_each_row_of_a_ragged_batch_as_alone(cache, ex
 
 @pytest.mark.parametrize("cache", ["prefix", "dual", "delayed"])
 @pytest.mark.parametrize("block_causal", [False, True])
-@pytest.mark.parametrize("prompt_len", [6, 1], ids=["ragged-prompts", "one-token-prompt"])
+@pytest.mark.parametrize("prompt_len", [6, 1, 0], ids=["ragged-prompts", "one-token-prompt", "no-prompt"])
+@pytest.mark.parametrize("mask_id", [63, 0], ids=["mask-last", "mask-first"])  # LLaDA's is not the last id
 @SHIFT
-def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal, prompt_len, shift):
-    """A one-token prompt puts the block at column 1: a shifted model must still be fed column 0."""
+def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal, prompt_len, mask_id, shift):
+    """A block right after a one-token prompt (or at column 0) is where a shifted model's
+    predecessor column is easy to miss. Rows the policies do not read (decoded columns) are zeros."""
     from dlm.decode.caches import make_runner
 
     model = block_model(4, shift) if block_causal else tiny_model(logits_shift=shift)
-    prompt, pad = ragged(3) if prompt_len > 1 else (torch.randint(0, 63, (3, 1)), torch.ones(3, 1, dtype=torch.long))
-    start = prompt_len + 2 if prompt_len > 1 else 1  # a block after decoded tokens, or right after the prompt
+    model.config.mask_token_id = mask_id
+    tok = lambda *shape: torch.randint(1, 63, shape)  # noqa: E731  (never either mask id)
+    if prompt_len > 1:
+        prompt, pad = ragged(3)
+        prompt = prompt.clamp(min=1)
+    else:
+        prompt, pad = tok(3, prompt_len), torch.ones(3, prompt_len, dtype=torch.long)
+    start = prompt_len + 2 if prompt_len > 1 else prompt_len  # a block after decoded tokens, or right after the prompt
     end = start + 4
-    x = torch.cat([prompt, torch.full((3, 12), 63)], dim=1)
-    x[:, prompt_len:start] = torch.randint(0, 63, (3, start - prompt_len))  # decoded before the block
-    x[:, start + 1] = torch.randint(0, 63, (3,))  # and one inside it (the block's first column stays masked)
+    x = torch.cat([prompt, torch.full((3, 12), mask_id)], dim=1)
+    x[:, prompt_len:start] = tok(3, start - prompt_len)  # decoded before the block
+    x[:, start + 1] = tok(3)  # and one inside it (the block's first column stays masked)
     canvas_pad = torch.cat([pad, torch.ones(3, 12, dtype=torch.long)], dim=1)
     T = x.shape[1]
-    full = make_runner("none", model, 3, T, 63, 8, True)(x, canvas_pad, start, end, True)
-    runner = make_runner(cache, model, 3, T, 63, 8, True)
+    full = make_runner("none", model, 3, T, mask_id, 8, True)(x, canvas_pad, start, end, True)
+    runner = make_runner(cache, model, 3, T, mask_id, 8, True)
     first = runner(x, canvas_pad, start, end, True)
     again = runner(x, canvas_pad, start, end, False)  # fed from the cache
     torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
-    masked = x[:, start:end] == 63
+    masked = x[:, start:end] == mask_id
     torch.testing.assert_close(again[masked], full[masked], atol=1e-5, rtol=1e-5)
+    assert (again[~masked] == 0).all() and (first[~masked] == 0).all()
 
 
 def test_delayed_cache_scores_each_row_as_alone_when_rows_have_different_stale_counts():
-    """Rows with fewer stale columns are padded with a repeat of their last one, which must be
-    scored once: each row's logits equal those of the same calls on that row alone."""
+    """Rows with fewer stale columns (down to none) are padded with a repeat of their last one,
+    which must be scored once: each row's logits equal those of the same calls on that row alone."""
     from dlm.decode.caches import make_runner
 
     model = tiny_model()
     torch.manual_seed(0)
-    x = torch.cat([torch.randint(0, 63, (2, 4)), torch.full((2, 8), 63)], dim=1)  # the last block [4, 12)
+    x = torch.cat([torch.randint(0, 63, (4, 4)), torch.full((4, 8), 63)], dim=1)  # the last block [4, 12)
     x[0, 4:8] = torch.randint(0, 63, (4,))  # row 0: half the block decoded before the refresh
+    x[2, 4:12] = torch.randint(0, 63, (8,))  # row 2: all of it (nothing stale later)
+    x[3, 4:11] = torch.randint(0, 63, (7,))  # row 3: all but one column
     later = x.clone()
-    later[1, 11] = 5  # row 1 decodes one more token after it
-    runner = make_runner("delayed", model, 2, 12, 63, 8, True)
+    later[1, 11] = 5  # row 1 decodes one more token after the refresh; row 3 nothing (one masked column left)
+    runner = make_runner("delayed", model, 4, 12, 63, 8, True)
     runner(x, None, 4, 12, True)  # a refresh: nothing is stale
-    batched = runner(later, None, 4, 12, False)  # stale columns: row 0 four, row 1 eight
-    for row in range(2):
+    batched = runner(later, None, 4, 12, False)  # stale columns per row: 4, 8, 0, 1
+    for row in range(4):
         alone = make_runner("delayed", model, 1, 12, 63, 8, True)
         alone(x[row : row + 1], None, 4, 12, True)
         torch.testing.assert_close(batched[row], alone(later[row : row + 1], None, 4, 12, False)[0])
+
+
+@pytest.mark.parametrize("mask_id", [63, 0], ids=["mask-last", "mask-first"])
+@SHIFT
+def test_delayed_cache_feeds_changed_and_masked_columns_and_a_shifted_models_predecessors(mask_id, shift):
+    """Prompt [0, 8), block [8, 16). After a refresh, decoding column 12 then 8 feeds: the changed
+    column, every masked column and, for a shifted model, the column before each masked block
+    column (its hidden state scores it): 7 before column 8, then 12 before column 13."""
+    from dlm.decode.caches import make_runner
+
+    model = tiny_model(logits_shift=shift, mask_token_id=mask_id)
+    fed = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: fed.append(set(kw["cache_slots"][0].tolist())) or forward(*a, **kw)
+    x = torch.cat([torch.randint(1, 63, (1, 8)), torch.full((1, 8), mask_id)], dim=1)
+    runner = make_runner("delayed", model, 1, 16, mask_id, 100, True)
+    runner(x, None, 8, 16, True)
+    expected = {12: set(range(8, 16)) | ({7} if shift else set()), 8: {8, 9, 10, 11, 13, 14, 15} | ({12} if shift else set())}
+    for col, want in expected.items():
+        x = x.clone()
+        x[0, col] = 5
+        runner(x, None, 8, 16, False)
+        assert fed[-1] == want, (col, fed[-1])
 
 
 @pytest.mark.parametrize(
@@ -273,22 +307,74 @@ def test_delayed_cache_scores_each_row_as_alone_when_rows_have_different_stale_c
         ("dual", [24, 4, 4, 4] * 4),
     ],
 )
-def test_prefix_and_dual_caches_feed_what_they_promise(cache, fed):
-    model = Counting(tiny_model())
+@SHIFT
+def test_prefix_and_dual_caches_feed_what_they_promise(cache, fed, shift):
+    """A shifted model is also fed the column before the block (its hidden state scores the first)."""
+    model = Counting(tiny_model(logits_shift=shift))
     dec = build_decoder("confidence", gen_length=16, steps=16, block_length=4, eos_token_id=None, cache=cache)
     dec(model, torch.randint(0, 63, (1, 8)))
-    assert model.fed == fed
+    assert model.fed == [n + (shift and n != 24) for n in fed]
 
 
-@pytest.mark.parametrize("refresh_every, refreshes", [(5, {0, 4, 8, 12}), (2, {0, 2, 4, 6, 8, 10, 12, 14})])
+class LogitsOnly(nn.Module):
+    """A transformers-style model: ``.logits`` out, no output mask, no KVCache."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": self.inner(input_ids, attention_mask=attention_mask).logits})()
+
+
+def test_a_model_without_output_mask_decodes_each_row_of_a_ragged_batch_as_alone():
+    model = LogitsOnly(tiny_model())
+    prompt, pad = ragged(3)
+    settings = dict(gen_length=8, steps=8, block_length=4, eos_token_id=None, temperature=0.0)
+    batched = build_decoder("confidence", **settings)(model, prompt, attention_mask=pad)
+    for row in range(3):
+        alone = build_decoder("confidence", **settings)(model, prompt[row : row + 1, pad[row].bool()])
+        assert torch.equal(batched.generated[row], alone.generated[0]), f"row {row}"
+
+
+def test_names_read_from_text_choose_like_literals():
+    """Names from a recipe or the command line are equal strings, not the same objects as the
+    literals in the code (compared with ==, never `is`)."""
+    from dlm.decode.caches import check_cache, make_runner, supported_caches
+
+    text = lambda s: "".join(list(s))  # noqa: E731  (an equal string built at run time)
+    for name in ("none", "exact", "prefix", "dual", "delayed"):
+        runner = make_runner(text(name), block_model(4), 1, 8, 63, 2, True)
+        assert type(runner) is type(make_runner(name, block_model(4), 1, 8, 63, 2, True))
+    assert make_runner(text("dual"), tiny_model(), 1, 8, 63, 2, True).dual
+    assert not make_runner(text("prefix"), tiny_model(), 1, 8, 63, 2, True).dual
+    for bad in ("bogus", "zzz"):
+        with pytest.raises(ValueError, match=f"cache='{bad}'; choose one of"):
+            make_runner(bad, tiny_model(), 1, 8, 63, 2, True)
+    model = block_model(4)
+    model.config.attention_mode = text("block_causal")
+    assert supported_caches(model) == ["none", "exact", "prefix", "dual", "delayed"]
+    model.config.attention_mode = text("causal")
+    assert supported_caches(model) == ["none"]
+    with pytest.raises(ValueError, match="cache='exact' needs a block-causal .*this model is causal"):
+        check_cache(model, text("exact"))
+    for cache in ("prefix", "dual", "delayed"):
+        with pytest.raises(ValueError, match=f"cache='{cache}' needs a bidirectional or block-causal .*causal"):
+            check_cache(model, text(cache))
+
+
+@pytest.mark.parametrize(
+    "refresh_every, block, refreshes",
+    [(5, 4, {0, 4, 8, 12}), (2, 4, {0, 2, 4, 6, 8, 10, 12, 14}), (4, 8, {0, 4, 8, 12})],
+)
 @pytest.mark.parametrize("mask_id", [63, 0], ids=["mask-last", "mask-first"])  # LLaDA's is not the last id
-def test_delayed_cache_feeds_masked_tokens_and_each_decoded_token_once_more(refresh_every, refreshes, mask_id):
+def test_delayed_cache_feeds_masked_tokens_and_each_decoded_token_once_more(refresh_every, block, refreshes, mask_id):
     model = Counting(tiny_model(mask_token_id=mask_id))
     dec = build_decoder(
         "confidence",
         gen_length=16,
         steps=16,
-        block_length=4,
+        block_length=block,
         eos_token_id=None,
         cache="delayed",
         refresh_every=refresh_every,
