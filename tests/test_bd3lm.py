@@ -1,5 +1,7 @@
 """SPEC §7 BD3-LM invariants."""
 
+import math
+
 import pytest
 import torch
 
@@ -78,6 +80,50 @@ def test_clipped_masks_stay_within_the_range_per_block():
     full = bd3.sample_noise((64, 128), torch.Generator().manual_seed(0), for_eval=True)  # reporting: U[0, 1]
     full_frac = full["masked"].view(64, 8, 16).float().mean(-1)
     assert full_frac.min() < 0.3 and full_frac.max() > 0.8
+
+
+def test_clipped_rates_are_uniform_and_counts_follow_the_conditioned_binomial():
+    """BD3-LM's clipped schedule: each block's mask rate p ~ U[β, ω] (t from it, never above 1),
+    and its mask count is Binomial(B, p) conditioned on k/B in [β, ω] (blocks outside are redrawn).
+    Blocks of 4, [0.25, 0.5]: k ∈ {1, 2}; P(k = 2) = E_p[P₂(p) / (P₁(p) + P₂(p))] by quadrature."""
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=4, clip_low=0.25, clip_high=0.5)
+    noise = bd3.sample_noise((2000, 64), torch.Generator().manual_seed(0))
+    rate = (1 - bd3.schedule.alpha(noise["t"].double())).flatten()
+    s = ((rate - 0.25) / 0.25).sort().values  # U(0, 1) if the rate is uniform on [β, ω]
+    hi = torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s)
+    assert torch.maximum(hi - s, s - (hi - 1 / len(s))).max() < 1.63 / math.sqrt(len(s))  # KS, 1%
+    counts = noise["masked"].view(-1, 4).sum(-1)
+    assert set(counts.unique().tolist()) == {1, 2}
+    p = torch.linspace(0.25, 0.5, 100001, dtype=torch.float64)
+    p1, p2 = 4 * p * (1 - p) ** 3, 6 * p**2 * (1 - p) ** 2
+    exact = (p2 / (p1 + p2)).mean().item()
+    se = math.sqrt(exact * (1 - exact) / len(counts))
+    assert abs((counts == 2).double().mean().item() - exact) < 4 * se
+    near_one = build_objective("bd3lm", mask_token_id=MASK, block_size=4, clip_low=0.5, clip_high=1.0)
+    assert near_one.sample_noise((64, 64), torch.Generator().manual_seed(0))["t"].max() <= 1.0  # ε > 0: 1/(1 − ε) > 1
+
+
+def test_a_clip_range_starting_at_zero_still_clips():
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=4, clip_low=0.0, clip_high=0.5)
+    frac = bd3.sample_noise((256, 64), torch.Generator().manual_seed(0))["masked"].view(-1, 4).float().mean(-1)
+    assert frac.max() <= 0.5
+
+
+def test_clip_feasibility_is_inclusive_at_both_ends():
+    from dlm.train.objectives.bd3lm import clip_is_feasible
+
+    assert clip_is_feasible(5, 0.9, 1.0)  # only k = 5 (all masked)
+    assert clip_is_feasible(4, 0.25, 0.3) and clip_is_feasible(4, 0.2, 0.25)  # k = 1 at either end
+    assert not clip_is_feasible(4, 0.3, 0.45) and not clip_is_feasible(5, 0.85, 0.95)
+    build_objective("bd3lm", mask_token_id=MASK, block_size=5, clip_low=0.9, clip_high=1.0)
+    for low, high in ((0.5, 0.5), (0.8, 0.3), (-0.5, 0.5), (0.2, 1.5)):
+        with pytest.raises(ConfigError, match="need 0 <= low < high <= 1"):
+            build_objective("bd3lm", mask_token_id=MASK, block_size=4, clip_low=low, clip_high=high)
+
+
+def test_default_block_times_lie_in_t_eps_one():
+    t = build_objective("bd3lm", mask_token_id=MASK, block_size=4).sample_noise((64, 64), torch.Generator())["t"]
+    assert t.min() >= 1e-3 and t.max() <= 1.0
 
 
 def test_per_block_times_are_antithetic_over_all_blocks():
