@@ -160,7 +160,7 @@ def serve(sock_path: str, lane: Path, test_args: list[str], timeout: float = 300
     import torch
 
     torch.set_num_threads(1)  # lanes run side by side; forked children must not inherit a warm thread pool
-    tests = TestMap(lane, [a for a in test_args if a.endswith(".py")])
+    tests = TestMap(lane, [a for a in test_args if _is_test(a)])
     if os.path.exists(sock_path):
         os.unlink(sock_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -178,14 +178,19 @@ def serve(sock_path: str, lane: Path, test_args: list[str], timeout: float = 300
             conn.sendall(f"{_run_selected(args, tests, timeout)}\n".encode())
 
 
+def _is_test(arg: str) -> bool:
+    """A test file or node id (``tests/test_x.py``, ``tests/test_x.py::test_y``), not an option."""
+    return arg.split("::")[0].endswith(".py")
+
+
 def _run_selected(args: list[str], tests: TestMap, timeout: float) -> int:
     """The covering tests first; the whole selection only when they all pass (or none is known)."""
-    files = [a for a in args if a.endswith(".py")]
+    items = [a for a in args if _is_test(a)]
     covering = tests.tests_for(tests.changed_lines())
     if covering is not None:
-        covering = [t for t in covering if t.split("::")[0] in files]
+        covering = [t for t in covering if any(t.split("::")[0] == i or t.startswith(i) for i in items)]
         if covering:
-            code = _run_child([a for a in args if a not in files] + covering, timeout)
+            code = _run_child([a for a in args if a not in items] + covering, timeout)
             if code not in (0, 5):  # 5: -k deselected every covering test
                 return code
     return _run_child(args, timeout)
