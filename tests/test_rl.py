@@ -295,7 +295,7 @@ def test_rows_of_rollout_slices_concatenate_to_the_rows_of_the_batch(name, kw):
 
     model, _, r = block_causal_rollouts("confidence", 4, steps=16)
     idle = Rollouts(r.tokens[:1], torch.full_like(r.step_map[:1], -1), r.prompt_length, r.pad[:1])
-    sliced = [idle, r.select(slice(0, 1)), r.select(slice(1, 2)), r.select(slice(2, 3))]
+    sliced = [idle, r.select(slice(0, 2)), r.select(slice(2, 3))]  # sizes 1, 2, 1: owners shift by odd starts
     whole = Rollouts(*(torch.cat([s.tokens, r.tokens]) for s in (idle,)), prompt_length=r.prompt_length,
                      step_map=torch.cat([idle.step_map, r.step_map]), pad=torch.cat([idle.pad, r.pad]))
     parts = [build_rows(name, s, MASK, generator=torch.Generator().manual_seed(i), block_size=4, **kw)
@@ -304,13 +304,48 @@ def test_rows_of_rollout_slices_concatenate_to_the_rows_of_the_batch(name, kw):
     assert (parts[0].inputs.shape[0] == 0) == (name == "trajectory")
     plain = build_rows(name, idle, MASK, generator=torch.Generator().manual_seed(0), **kw)  # no blocks: unpaired
     assert plain.inputs.shape[1] == r.tokens.shape[1] and not plain.targets.any()
-    rows = concat_rows(parts, [1, 1, 1, 1])
-    assert rows.owner.tolist() == sum(([b] * len(p.owner) for b, p in enumerate(parts)), [])
+    sizes = [1, 2, 1]
+    starts = [0, 1, 3]
+    rows = concat_rows(parts, sizes)
+    assert rows.owner.tolist() == sum((list(p.owner + s) for p, s in zip(parts, starts)), [])
+    assert set(rows.owner.tolist()) == ({1, 2, 3} if name == "trajectory" else {0, 1, 2, 3})
     with torch.no_grad():
         logp = token_logprobs(model, whole, rows, MASK)
-        for b, (s, p) in enumerate(zip(sliced, parts)):
-            torch.testing.assert_close(logp[b : b + 1], token_logprobs(model, s, p, MASK))
+        for first, n, s, p in zip(starts, sizes, sliced, parts):
+            torch.testing.assert_close(logp[first : first + n], token_logprobs(model, s, p, MASK))
     assert (logp[0] == 0).all() and (logp[1:][r.trainable] < 0).all()
+
+
+def test_block_rows_check_the_decoding_order_and_cover_every_token_of_crafted_step_maps():
+    """Model blocks of 2, no prompt. Rows are paired (one forward per group of steps over all
+    blocks) only when every step stays in one block and blocks are decoded in order; either way
+    every decoded token is scored once, whatever the shrink."""
+    tokens = torch.randint(0, 63, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def rows_for(steps, **kw):
+        return build_rows("trajectory", Rollouts(tokens, torch.tensor([steps]), 0, None), MASK, block_size=2, **kw)
+
+    blockwise = [0, 0, 1, 2, 3, 3, 4, 5]  # block 0 in one step (step 0), then one block after another
+    for shrink in (1, 100):
+        rows = rows_for(blockwise, shrink=shrink)
+        assert rows.paired and rows.offset == 0
+        assert torch.equal(rows.targets[:, :8].sum(0), torch.ones(8, dtype=torch.long)), shrink
+    default = rows_for(blockwise)
+    assert torch.equal(default.inputs, rows_for(blockwise, shrink=1).inputs)  # shrink defaults to 1: exact
+    for steps in (
+        [0, 1, 1, 2, 3, 4, 5, 6],  # step 1 decodes a token in block 0 and one in block 1
+        [0, 1, 4, 5, 2, 3, 6, 7],  # block 2 before block 1
+        [1, 2, 0, 3, 4, 5, 6, 7],  # block 1's step-0 token before block 0
+    ):
+        rows = rows_for(steps)
+        assert not rows.paired, steps
+        assert torch.equal(rows.targets.sum(0), torch.ones(8, dtype=torch.long)), steps
+
+
+def test_unknown_estimator_names_the_known_ones():
+    _, _, r = rollouts("confidence", steps=12)
+    with pytest.raises(ValueError, match="unknown log-prob estimator 'bogus'.*coupled.*one_step.*trajectory"):
+        build_rows("bogus", r, MASK)
 
 
 def test_paired_rows_put_both_halves_at_the_canvas_positions():
