@@ -269,6 +269,19 @@ def test_threshold_and_factor_rules():
     assert count_from_rule(conf, masked, "threshold", 0.9, 1.0).tolist() == [2, 1]  # row 2: at least one
     # factor: sorted [0.95, 0.92, 0.5, 0.1]: n=1: 2*0.05=0.1<1 ok; n=2: 3*0.08=0.24 ok; n=3: 4*0.5=2 no
     assert count_from_rule(conf, masked, "factor", 0.9, 1.0).tolist() == [2, 1]
+    # at the factor rule's boundary: sorted [0.9, 0.75, 0.5, 0.2]: n=2: 3*0.25 = 0.75 < 1 ok, n=3: 4*0.5 = 2 no;
+    # [0.99, 0.98, 0.97, 0.3]: n=3: 4*0.03 = 0.12 ok, n=4: 5*0.7 no. Rule names read from text work alike.
+    edge = torch.tensor([[0.9, 0.75, 0.5, 0.2], [0.99, 0.98, 0.97, 0.3]])
+    assert count_from_rule(edge, masked, "".join(["fac", "tor"]), 0.9, 1.0).tolist() == [2, 3]
+    assert count_from_rule(edge, masked, "".join(["thres", "hold"]), 0.9, 1.0).tolist() == [1, 3]
+    only = masked.clone()
+    only[1, :3] = False  # the confident columns are not masked: one decodes
+    assert count_from_rule(edge, only, "threshold", 0.9, 1.0).tolist() == [1, 1]
+
+
+def test_threshold_and_factor_default_to_fast_dllm_values():
+    dec = build_decoder("confidence", gen_length=8, rule="threshold")
+    assert (dec.threshold, dec.factor) == (0.9, 1.0)
 
 
 def test_low_threshold_decodes_in_parallel_with_fewer_calls():
