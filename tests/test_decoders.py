@@ -279,6 +279,25 @@ def test_threshold_and_factor_rules():
     assert count_from_rule(edge, only, "threshold", 0.9, 1.0).tolist() == [1, 1]
 
 
+class FixedRows(nn.Module):
+    """Column 1 predicts [0.6, 0.4], column 2 [0.8, 0.2] over tokens 0 and 1 (vocab 8, mask 7)."""
+
+    def forward(self, input_ids, attention_mask=None):
+        probs = torch.full((*input_ids.shape, 8), 1e-9)
+        probs[:, 1, :2] = torch.tensor([0.6, 0.4])
+        probs[:, 2, :2] = torch.tensor([0.8, 0.2])
+        return probs.log()
+
+
+@pytest.mark.parametrize("filtering", [{"top_p": 0.5}, {"top_k": 1}], ids=["top_p", "top_k"])
+def test_confidence_is_the_models_probability_under_filtering_not_the_filtered_one(filtering):
+    """top_p = 0.5 or top_k = 1 keeps one token at each column (filtered probability 1 at both);
+    the column the model is surer of (column 2) must still decode first."""
+    dec = build_decoder("confidence", gen_length=2, steps=2, block_length=2, mask_token_id=7, **filtering)
+    out = dec(FixedRows(), torch.zeros(1, 1, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert out.generated.tolist() == [[0, 0]] and out.step_map[0, 1:].tolist() == [1, 0]
+
+
 def test_threshold_and_factor_default_to_fast_dllm_values():
     dec = build_decoder("confidence", gen_length=8, rule="threshold")
     assert (dec.threshold, dec.factor) == (0.9, 1.0)
