@@ -88,8 +88,8 @@ def inert_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     return spans
 
 
-def skip_inert(session: Path, source: str) -> int:
-    """Mark mutants inside annotations or docstrings as skipped; returns how many."""
+def skip_inert(session: Path, source: str) -> None:
+    """Mark mutants inside annotations or docstrings as skipped."""
     spans = inert_spans(source)
     db = sqlite3.connect(session)
     rows = db.execute(
@@ -102,7 +102,6 @@ def skip_inert(session: Path, source: str) -> int:
         [(job,) for job in inert],
     )
     db.commit()
-    return db.execute("SELECT COUNT(*) FROM work_results WHERE lower(worker_outcome) = 'skipped'").fetchone()[0]
 
 
 def run_module(module: str, lane: Path, sock: Path, work: Path, rerun_survivors: bool, timeout: float) -> dict:
@@ -125,7 +124,7 @@ def run_module(module: str, lane: Path, sock: Path, work: Path, rerun_survivors:
     if not session.exists():
         subprocess.run(["cosmic-ray", "init", str(config), str(session)], check=True, cwd=lane)
         stamp.write_text(digest)
-    skipped = skip_inert(session, source)
+    skip_inert(session, source)
     if rerun_survivors:
         db = sqlite3.connect(session)
         db.execute("DELETE FROM work_results WHERE lower(test_outcome) = 'survived'")
@@ -135,21 +134,50 @@ def run_module(module: str, lane: Path, sock: Path, work: Path, rerun_survivors:
         raise SystemExit(f"{module}: its tests fail without a mutant (exit {baseline.returncode}); fix them first")
     started = time.perf_counter()
     subprocess.run(["cosmic-ray", "exec", str(config), str(session)], check=True, cwd=lane, capture_output=True)
-    seconds = time.perf_counter() - started
-    counts = {"killed": 0, "survived": 0, "incompetent": 0, "pending": 0, "skipped": skipped}
-    survivors = []
+    clock = work / f"{name}.seconds"  # wall time over every run of this session
+    seconds = (float(clock.read_text()) if clock.exists() else 0.0) + time.perf_counter() - started
+    clock.write_text(f"{seconds:.0f}")
+    return tally(module, session, seconds)
+
+
+def changed_lines(diff: str) -> tuple[str, str]:
+    """The removed and the added lines of a mutant's diff, stripped and joined."""
+    body = [ln for ln in diff.splitlines() if ln[:1] in "+-" and not ln.startswith(("---", "+++"))]
+    return (
+        " / ".join(ln[1:].strip() for ln in body if ln[0] == "-" and ln[1:].strip()),
+        " / ".join(ln[1:].strip() for ln in body if ln[0] == "+" and ln[1:].strip()),
+    )
+
+
+def tally(module: str, session: Path, seconds: float) -> dict:
+    """Counts of a session; survivors listed in equivalent.py are counted apart, with their reason."""
+    from equivalent import EQUIVALENT
+
+    known = {(before, after): why for before, after, why in EQUIVALENT.get(module, [])}
+    counts = {"killed": 0, "survived": 0, "equivalent": 0, "incompetent": 0, "pending": 0, "skipped": 0}
+    survivors, equivalent = [], []
     db = sqlite3.connect(session)
     for outcome, worker, diff in db.execute(
         "SELECT lower(r.test_outcome), lower(r.worker_outcome), r.diff FROM work_items w LEFT JOIN work_results r USING (job_id)"
     ):
         if worker == "skipped":
+            counts["skipped"] += 1
             continue
         key = outcome if outcome in counts else ("pending" if worker is None else "incompetent")
-        counts[key] += 1
-        if outcome == "survived":
+        if key == "survived" and changed_lines(diff) in known:
+            key = "equivalent"
+            equivalent.append({"change": " -> ".join(changed_lines(diff)), "why": known[changed_lines(diff)]})
+        elif key == "survived":
             survivors.append(diff)
+        counts[key] += 1
     scored = counts["killed"] + counts["survived"]
-    return {**counts, "score": counts["killed"] / scored if scored else None, "seconds": round(seconds), "survivors": survivors}
+    return {
+        **counts,
+        "score": counts["killed"] / scored if scored else None,  # of the non-equivalent mutants
+        "seconds": round(seconds),
+        "survivors": survivors,
+        "equivalent_mutants": equivalent,
+    }
 
 
 def lane_worker(modules, lane, work, args, summary, lock) -> None:
@@ -167,7 +195,7 @@ def lane_worker(modules, lane, work, args, summary, lock) -> None:
                 summary[module] = result
                 (work / "summary.json").write_text(json.dumps(summary, indent=2))
             print(f"{module}: {result['killed']} killed, {result['survived']} survived, "
-                  f"{result['skipped']} skipped (inert), {result['seconds']}s", flush=True)
+                  f"{result['equivalent']} equivalent, {result['skipped']} skipped (inert), {result['seconds']}s", flush=True)
     finally:
         server.kill()
 
@@ -180,23 +208,7 @@ def sessions_size(work: Path, module: str) -> int:
     return sqlite3.connect(session).execute("SELECT COUNT(*) FROM work_items").fetchone()[0] * 40
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all)")
-    parser.add_argument("--lanes", type=int, default=2, help="parallel copies of the repository (default 2)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant (default 120)")
-    parser.add_argument("--rerun-survivors", action="store_true", help="retry the survivors of earlier sessions")
-    parser.add_argument("--fresh", action="store_true", help="delete earlier sessions first")
-    args = parser.parse_args(argv)
-    unknown = [m for m in args.modules if m not in MODULES]
-    if unknown:
-        raise SystemExit(f"unknown module(s) {', '.join(unknown)}; modules: {', '.join(MODULES)}")
-    work = Path(os.environ.get("DLM_MUTATION_DIR", "/tmp/dlm-mutation"))
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    summary_path = work / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+def run_lanes(args, work: Path, summary: dict) -> None:
     modules = sorted(args.modules or MODULES, key=lambda m: -sessions_size(work, m))
     lanes: list[list[str]] = [[] for _ in range(max(1, args.lanes))]
     loads = [0] * len(lanes)
@@ -215,12 +227,48 @@ def main(argv: list[str]) -> int:
         threads[-1].start()
     for thread in threads:
         thread.join()
-    lines = ["| module | killed | survived | skipped (inert) | score | time |", "|---|---|---|---|---|---|"]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all)")
+    parser.add_argument("--lanes", type=int, default=2, help="parallel copies of the repository (default 2)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant (default 120)")
+    parser.add_argument("--rerun-survivors", action="store_true", help="retry the survivors of earlier sessions")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier sessions first")
+    parser.add_argument("--report", action="store_true", help="only tally the sessions there are (no mutant runs)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"unknown module(s) {', '.join(unknown)}; modules: {', '.join(MODULES)}")
+    work = Path(os.environ.get("DLM_MUTATION_DIR", "/tmp/dlm-mutation"))
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    summary_path = work / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if args.report:
+        for module in args.modules or MODULES:
+            name = module.replace("/", "_").removesuffix(".py")
+            if (work / f"{name}.sqlite").exists():
+                clock = work / f"{name}.seconds"
+                summary[module] = tally(module, work / f"{name}.sqlite", float(clock.read_text()) if clock.exists() else 0)
+        summary_path.write_text(json.dumps(summary, indent=2))
+    else:
+        run_lanes(args, work, summary)
+    lines = [
+        "| module | mutants | inert (skipped) | killed | equivalent | survived | score | time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for module in MODULES:
         r = summary.get(module)
         if r:
+            total = sum(r.get(k, 0) for k in ("killed", "survived", "equivalent", "incompetent", "pending", "skipped"))
             score = "—" if r["score"] is None else f"{100 * r['score']:.1f}%"
-            lines.append(f"| {module} | {r['killed']} | {r['survived']} | {r.get('skipped', 0)} | {score} | {r.get('seconds', '?')} s |")
+            lines.append(
+                f"| {module} | {total} | {r.get('skipped', 0)} | {r['killed']} | {r.get('equivalent', 0)} "
+                f"| {r['survived']} | {score} | {r.get('seconds', '?')} s |"
+            )
     (work / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
