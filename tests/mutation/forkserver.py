@@ -82,6 +82,7 @@ class TestMap:
             os._exit(_trace(lane, test_files, out))
         os.waitpid(pid, 0)
         raw = json.loads(out.read_text())
+        self.seconds: dict[str, float] = raw.pop("__seconds__")
         self.lines = {Path(f): {int(k): set(v) for k, v in by_line.items()} for f, by_line in raw.items()}
 
     def changed_lines(self) -> dict[Path, set[int]]:
@@ -100,8 +101,9 @@ class TestMap:
         return changed
 
     def tests_for(self, changed: dict[Path, set[int]]) -> list[str] | None:
-        """Node ids of the tests that execute every changed line, or None when only the whole
-        selection will do (a line run at import time, or by no test)."""
+        """Node ids of the tests that execute every changed line, fastest first (with ``-x`` a
+        killed mutant stops at its first failing test), or None when only the whole selection
+        will do (a line run at import time, or by no test)."""
         chosen: set[str] = set()
         for path, lines in changed.items():
             by_line = self.lines.get(path, {})
@@ -110,7 +112,7 @@ class TestMap:
                 if not tests or "" in tests:
                     return None
                 chosen |= tests
-        return sorted(chosen)
+        return sorted(chosen, key=lambda t: (self.seconds.get(t, 0.0), t))
 
 
 def _trace(lane: Path, test_files: list[str], out: Path) -> int:
@@ -120,12 +122,17 @@ def _trace(lane: Path, test_files: list[str], out: Path) -> int:
 
     cov = coverage.Coverage(data_file=None, source=[str(lane / d) for d in set(PACKAGES.values())])
 
+    seconds: dict[str, float] = {}
+
     class Contexts:
         def pytest_runtest_setup(self, item):
             cov.switch_context(item.nodeid)
 
         def pytest_runtest_teardown(self, item):
             cov.switch_context("")
+
+        def pytest_runtest_logreport(self, report):
+            seconds[report.nodeid] = seconds.get(report.nodeid, 0.0) + report.duration
 
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
@@ -139,6 +146,7 @@ def _trace(lane: Path, test_files: list[str], out: Path) -> int:
     for f in data.measured_files():
         by_line = data.contexts_by_lineno(f)
         result[f] = {line: sorted(ctx) for line, ctx in by_line.items()}
+    result["__seconds__"] = seconds
     out.write_text(json.dumps(result))
     return 0
 
