@@ -180,6 +180,70 @@ def test_group_advantages_centre_scale_and_refuse_groups_of_one():
         group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]))
 
 
+def test_group_advantages_use_the_unbiased_std_plus_eps():
+    """Group [0, 3, 6]: mean 3, unbiased variance 18 / 2 = 9, so A = (r − 3) / (3 + eps)."""
+    rewards, groups = torch.tensor([0.0, 3.0, 6.0, 2.0, 2.0]), torch.tensor([0, 0, 0, 1, 1])
+    adv, zero = group_advantages(rewards, groups, scale_std=True, eps=0.5)
+    torch.testing.assert_close(adv, torch.tensor([-3 / 3.5, 0.0, 3 / 3.5, 0.0, 0.0]))
+    assert zero.tolist() == [False, False, False, True, True]
+
+
+def _reference_policy_loss(new, old, adv, mask, eps, ref, beta, norm, step_map=None):
+    """The PPO-clip loss with a k3 KL term, token by token in plain Python."""
+    per, clipped, kls, ratios = {}, 0, [], []
+    for b in range(new.shape[0]):
+        for t in range(new.shape[1]):
+            if not mask[b, t]:
+                continue
+            rho, a = math.exp(new[b, t] - old[b, t]), float(adv[b])
+            d = float(ref[b, t] - new[b, t]) if ref is not None else 0.0
+            kl = math.exp(d) - d - 1 if ref is not None and beta > 0 else 0.0
+            per[b, t] = -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a) + beta * kl
+            clipped += (rho < 1 - eps and a < 0) or (rho > 1 + eps and a > 0)
+            kls.append(kl)
+            ratios.append(rho)
+    n = max(len(per), 1)
+    if norm == "token":
+        loss = sum(per.values()) / n
+    elif norm == "sequence":
+        rows = [[v for (b, _), v in per.items() if b == row] for row in range(new.shape[0])]
+        loss = sum(sum(r) / max(len(r), 1) for r in rows) / len(rows)
+    elif norm == "step":
+        cells = {}
+        for (b, t), v in per.items():
+            cells.setdefault((b, int(step_map[b, t])), []).append(v)
+        loss = sum(sum(c) / len(c) for c in cells.values()) / len(cells) if cells else 0.0
+    else:
+        loss = sum(per.values())
+    return loss, clipped / n, sum(kls) / n, sum(ratios) / n
+
+
+@pytest.mark.parametrize("norm", ["token", "sequence", "step", "none"])
+def test_policy_loss_and_its_statistics_in_closed_form(norm):
+    """Ratios on both sides of the clip range with positive, negative and zero advantages, a KL
+    reference, one token left out of the mask and a rollout with no tokens at all."""
+    old = torch.zeros(4, 3)
+    new = torch.tensor([[0.5, -0.5, 0.0], [math.log(0.5), 0.0, 0.3], [0.5, -0.5, 0.1], [0.2, 0.2, 0.2]])
+    adv = torch.tensor([1.0, -1.0, 0.0, 2.0])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, True], [False, False, False]])
+    ref = torch.tensor([[0.2, -0.1, 0.0], [0.1, 0.4, 0.0], [-0.3, 0.0, 0.5], [0.0, 0.0, 0.0]])
+    steps = torch.tensor([[0, -1, 1], [0, 1, -1], [2, 0, 0], [-1, -1, -1]])  # a masked step −1: its own cell
+    for beta, logp_ref in ((0.5, ref), (0.0, ref), (0.5, None)):
+        out = policy_loss(new, old, adv, mask, 0.2, 0.2, logp_ref=logp_ref, beta=beta, norm=norm, step_map=steps)
+        want = _reference_policy_loss(new, old, adv, mask, 0.2, logp_ref, beta, norm, steps)
+        assert out.loss.item() == pytest.approx(want[0], rel=1e-5), (beta, logp_ref is None)
+        assert (out.clip_fraction, out.kl, out.ratio_mean) == pytest.approx(want[1:], rel=1e-5)
+    one = torch.zeros(4, 3, dtype=torch.bool)
+    one[1, 0] = True  # a single token: nothing is halved by a clamp on the count
+    out = policy_loss(new, old, adv, one, 0.2, 0.2, logp_ref=ref, beta=0.5, norm=norm, step_map=steps)
+    want = _reference_policy_loss(new, old, adv, one, 0.2, ref, 0.5, norm, steps)
+    assert out.loss.item() == pytest.approx(want[0], rel=1e-5)
+    assert (out.clip_fraction, out.kl, out.ratio_mean) == pytest.approx(want[1:], rel=1e-5)
+    leaf = new.clone().requires_grad_()
+    empty = policy_loss(leaf, old, adv, torch.zeros(4, 3, dtype=torch.bool), norm=norm, step_map=steps)
+    assert empty.loss.item() == 0.0 and empty.loss.requires_grad  # nothing to learn from, still a graph
+
+
 def test_kl_penalty_is_k3_and_zero_at_the_reference():
     new = torch.zeros(1, 2, requires_grad=True)
     out = policy_loss(
