@@ -125,6 +125,9 @@ def run_module(module: str, lane: Path, sock: Path, work: Path, rerun_survivors:
         subprocess.run(["cosmic-ray", "init", str(config), str(session)], check=True, cwd=lane)
         stamp.write_text(digest)
     skip_inert(session, source)
+    db = sqlite3.connect(session)  # a session made in another lane: mutate this lane's copy
+    db.execute("UPDATE mutation_specs SET module_path = ?", (str(lane / module),))
+    db.commit()
     if rerun_survivors:
         db = sqlite3.connect(session)
         db.execute("DELETE FROM work_results WHERE lower(test_outcome) = 'survived'")
