@@ -503,8 +503,21 @@ def test_two_level_inverse_cdf_matches_a_flat_float64_cdf():
         tokens, total = inverse_cdf(w, u)
         assert torch.equal(tokens, flat)
         torch.testing.assert_close(total, cdf[:, -1])
-        edge, _ = inverse_cdf(w, torch.full((64,), 1 - 1e-17, dtype=torch.float64))
-        assert (w.gather(1, edge[:, None]) > 0).all()
+        for u_edge in (1 - 1e-17, 0.0):  # both ends of [0, 1): never a zero-weight token
+            edge, _ = inverse_cdf(w, torch.full((64,), u_edge, dtype=torch.float64))
+            assert (w.gather(1, edge[:, None]) > 0).all(), u_edge
+
+
+def test_filters_keep_the_top_k_and_the_smallest_set_reaching_top_p():
+    from dlm.decode.sampling import filter_logits
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # one row: top_k is compared with the vocab, not the rows
+    kept = lambda out: torch.isfinite(out[0]).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 2, None)) == [0, 1]
+    assert kept(filter_logits(logits, 100, None)) == [0, 1, 2, 3]  # more than the vocab: nothing dropped
+    assert kept(filter_logits(logits, None, 0.7)) == [0, 1]  # mass before token 2 is 0.8 >= 0.7
+    assert kept(filter_logits(logits, None, 0.81)) == [0, 1, 2]
+    assert kept(filter_logits(logits[:, [3, 2, 1, 0]], None, 0.7)) == [2, 3]  # positions, not ranks
 
 
 def test_first_hitting_k_per_call_decodes_everything_in_ceil_l_over_k_calls():

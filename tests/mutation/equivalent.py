@@ -177,6 +177,21 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         ("is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))",
          "is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) ^ ((ratio > 1 + eps_high) & (adv > 0))", "a ratio is never both below 1 − ε and above 1 + ε"),
     ],
+    "decode/sampling.py": [
+        ("sorted_logits, order = logits_NV.sort(dim=-1, descending=True)",
+         "sorted_logits, order = logits_NV.sort(dim=+1, descending=True)", LAST_DIM),
+        ("sorted_logits, order = logits_NV.sort(dim=-1, descending=True)",
+         "sorted_logits, order = logits_NV.sort(dim=1, descending=True)", LAST_DIM),
+        *[("cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)", f"cum = torch.softmax(sorted_logits, dim={a}).cumsum(dim={b})", LAST_DIM)
+          for a, b in (("+1", "-1"), ("1", "-1"), ("-1", "+1"), ("-1", "1"))],
+        *[("inner = w[torch.arange(N, device=w.device), k.squeeze(1)].double().cumsum(dim=-1)  # [N, C]",
+           f"inner = w[torch.arange(N, device=w.device), k.squeeze(1)].double().cumsum(dim={d})  # [N, C]", LAST_DIM) for d in ("+1", "1")],
+        *[("total = shifted.exp().sum(dim=-1, dtype=torch.float64)  # >= 1: the argmax contributes exp(0)",
+           f"total = shifted.exp().sum(dim={d}, dtype=torch.float64)  # >= 1: the argmax contributes exp(0)", LAST_DIM) for d in ("+1", "1")],
+        *[("logp = (weights.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()",
+           f"logp = (weights.gather({a}, tokens[:, None]).squeeze({b}).double() / total).log()", LAST_DIM)
+          for a, b in (("-1", "1"), ("-1", "+1"), ("1", "-1"), ("+1", "-1"))],
+    ],
     "decode/confidence.py": [
         ("return (p * logp.clamp(min=-1e30)).sum(dim=-1)  # negative entropy",
          "return (p * logp.clamp(min=-1e30)).sum(dim=1)  # negative entropy", LAST_DIM),
