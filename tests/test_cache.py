@@ -277,6 +277,18 @@ def test_delayed_cache_scores_each_row_as_alone_when_rows_have_different_stale_c
         torch.testing.assert_close(batched[row], alone(later[row : row + 1], None, 4, 12, False)[0])
 
 
+def test_delayed_cache_refreshes_after_refresh_every_calls_also_past_small_integers():
+    """The call counter is compared by value: with refresh_every = 300 the 300th call is a full forward."""
+    from dlm.decode.caches import make_runner
+
+    model = Counting(tiny_model())
+    x = torch.cat([torch.randint(0, 63, (1, 4)), torch.full((1, 4), 63)], dim=1)
+    runner = make_runner("delayed", model, 1, 8, 63, 300, True)
+    for call in range(301):
+        runner(x, None, 4, 8, call == 0)
+    assert model.fed[0] == model.fed[300] == 8 and set(model.fed[1:300]) == {4}
+
+
 @pytest.mark.parametrize("mask_id", [63, 0], ids=["mask-last", "mask-first"])
 @SHIFT
 def test_delayed_cache_feeds_changed_and_masked_columns_and_a_shifted_models_predecessors(mask_id, shift):

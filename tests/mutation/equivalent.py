@@ -191,6 +191,17 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         *[("logp = (weights.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()",
            f"logp = (weights.gather({a}, tokens[:, None]).squeeze({b}).double() / total).log()", LAST_DIM)
           for a, b in (("-1", "1"), ("-1", "+1"), ("1", "-1"), ("+1", "-1"))],
+        ("last_positive = (inner < inner[:, -1:]).sum(dim=-1, keepdim=True)  # guards against rounding at the edge",
+         "last_positive = (inner != inner[:, -1:]).sum(dim=-1, keepdim=True)  # guards against rounding at the edge",
+         "a cumulative sum never exceeds its last value, so `<` it equals `!=` it"),
+        ("kth = logits_NV.topk(top_k, dim=-1).values[..., -1:]", "kth = logits_NV.topk(top_k, dim=+1).values[..., -1:]", LAST_DIM),
+        ("kth = logits_NV.topk(top_k, dim=-1).values[..., -1:]", "kth = logits_NV.topk(top_k, dim=1).values[..., -1:]", LAST_DIM),
+        ("drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)", "drop = torch.zeros_like(drop_sorted).scatter(+1, order, drop_sorted)", LAST_DIM),
+        ("drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)", "drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)", LAST_DIM),
+        ("ccdf = chunk.cumsum(dim=-1)", "ccdf = chunk.cumsum(dim=1)", LAST_DIM),
+        ("ccdf = chunk.cumsum(dim=-1)", "ccdf = chunk.cumsum(dim=+1)", LAST_DIM),
+        *[("CHUNK = 256", f"CHUNK = {v}", "the chunk size only splits the search: any positive size finds the same token")
+          for v in ("255", "257", "1")],
     ],
     "decode/confidence.py": [
         ("return (p * logp.clamp(min=-1e30)).sum(dim=-1)  # negative entropy",
