@@ -192,16 +192,20 @@ def _is_test(arg: str) -> bool:
 
 
 def _run_selected(args: list[str], tests: TestMap, timeout: float) -> int:
-    """The covering tests first; the whole selection only when they all pass (or none is known)."""
+    """The covering tests first; when they all pass, the rest of the selection (or all of it when
+    no covering test is known)."""
     items = [a for a in args if _is_test(a)]
     covering = tests.tests_for(tests.changed_lines())
+    rest = args
     if covering is not None:
         covering = [t for t in covering if any(t.split("::")[0] == i or t.startswith(i) for i in items)]
         if covering:
             code = _run_child([a for a in args if a not in items] + covering, timeout)
             if code not in (0, 5):  # 5: -k deselected every covering test
                 return code
-    return _run_child(args, timeout)
+            rest = args + [f"--deselect={t}" for t in covering]
+    code = _run_child(rest, timeout)
+    return 0 if code == 5 else code  # 5: the covering tests were the whole selection
 
 
 def _run_child(args: list[str], timeout: float) -> int:
