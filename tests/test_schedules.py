@@ -64,6 +64,12 @@ def test_schedule_errors():
         build_schedule("cosin")
     with pytest.raises(ConfigError, match="has no parameter 'kk'.*Did you mean 'k'"):
         build_schedule("polynomial", kk=2)
-    with pytest.raises(ConfigError, match="eps=1.5 must lie in"):
-        build_schedule("loglinear", eps=1.5)
+    for name in ("loglinear", "cosine"):
+        for eps in (1.5, 1.0, -0.1):
+            with pytest.raises(ConfigError, match=f"{name} schedule: eps={eps} must lie in"):
+                build_schedule(name, eps=eps)
+        build_schedule(name, eps=float("0.0"))  # 0 is allowed (LLaDA's linear schedule), read from text or not
+    for k in (0.0, -1.0):
+        with pytest.raises(ConfigError, match=f"k={k} must be positive"):
+            build_schedule("polynomial", k=k)
     assert set(SCHEDULES.names()) == {"loglinear", "cosine", "polynomial"}

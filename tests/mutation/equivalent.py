@@ -65,6 +65,13 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "the exact runner only calls fed(), which does not read block_only"),
         ("return PrefixRunner(model, cache, mask_id, dual=name == \"dual\")",
          "return PrefixRunner(model, cache, mask_id, dual=name <= \"dual\")", STR_ORDER + " (prefix or dual reach here)"),
+        ("if self.shifted and lo == start > 0:", "if self.shifted and lo is start > 0:",
+         "every caller passes lo as the very int object start (prefix/dual) or 0 (full forwards), so `is` and `==` agree"),
+    ],
+    "dlm/schedules.py": [
+        ("return (2 / math.pi) * torch.arccos(((a - self.eps) / (1 - self.eps)).clamp(-1, 1))",
+         "return (2 / math.pi) * torch.arccos(((a - self.eps) / (1 - self.eps)).clamp(~1, 1))",
+         CLAMP_UNREACHED + ": a in [0, 1] keeps (a − ε)/(1 − ε) above −1"),
     ],
     "train/rl/estimators.py": [
         ("cols = (block_of == j) & (step_map[b] >= 0)", "cols = (block_of == j) * (step_map[b] >= 0)", BOOL),
