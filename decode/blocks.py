@@ -146,7 +146,8 @@ class Logits:
 
     Models that declare ``supports_output_mask`` (dlm's own) compute the LM head only for the
     block's positions; others return the whole canvas and the block is sliced out. The runner
-    (``decode/caches.py``) decides which columns each call feeds.
+    (``decode/caches.py``) decides which columns each call feeds. With ``shared = M > 1`` rows come
+    in groups of M identical canvases: the model runs on the first row of each group.
     """
 
     def __init__(
@@ -156,9 +157,11 @@ class Logits:
         cfg: DecodeConfig,
         prompt_length: int,
         runner: Runner,
+        shared: int = 1,
     ):
         self.pad, self.mask_id, self.cfg, self.prompt_length = pad, mask_id, cfg, prompt_length
         self.runner = runner  # which columns each model call feeds (the KV-cache policy)
+        self.shared = shared
         self.value: Tensor | None = None  # [B, Tb, V] float32 with SUBS applied
         self.span: tuple[int, int] | None = None  # the block the cached value belongs to
         self.stale: Tensor | None = None  # [B] row changed since the last model call
@@ -170,6 +173,7 @@ class Logits:
         self.stale = torch.ones(batch, dtype=torch.bool, device=device)
         self.unseen = self.stale.clone()
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
+        self.leader = torch.arange(batch, device=device) % self.shared == 0  # rows whose evaluation counts
 
     def __call__(self, x: Tensor, start: int, end: int, rows: Tensor) -> Tensor:
         """Logits ``[B, end - start, V]`` of canvas ``x`` for block ``[start, end)``, used by ``rows`` [B]."""
@@ -178,7 +182,7 @@ class Logits:
             self.span = (start, end)
             self.stale.zero_()
             self.calls += 1
-        self.nfe += (rows & self.unseen).long()
+        self.nfe += (rows & self.unseen & self.leader).long()
         self.unseen &= ~rows
         return self.value
 
@@ -186,24 +190,46 @@ class Logits:
         self.stale |= rows
         self.unseen |= rows
 
+    def reindex(self, index: Tensor) -> None:
+        """Rows follow ``index`` (see :meth:`Decoding.reindex`); the runner's rows too."""
+        B = self.stale.shape[0]
+        index = index.to(self.stale.device)
+        if self.value is not None:
+            self.value = self.value[index]
+        self.stale, self.unseen = self.stale[index], self.unseen[index]
+        if self.pad is not None:
+            self.pad = self.pad[index]
+        if self.shared > 1:
+            groups = torch.arange(B, device=index.device) // self.shared
+            if not bool((index // self.shared == groups).all()):
+                raise ValueError(f"with shared={self.shared}, rows may only be reindexed within their group")
+            return  # the runner holds one row per group, which keeps its slot
+        self.runner.reindex(torch.cat([index, index + B]) if self.cfg.cfg_scale > 0 else index)
+
     def _run(self, x: Tensor, pad: Tensor | None, start: int, end: int) -> Tensor:
         return self.runner(x, pad, start, end, new_block=self.span != (start, end))
 
     def _forward(self, x: Tensor, start: int, end: int) -> Tensor:
+        pad = self.pad
+        if self.shared > 1:
+            groups = x.view(-1, self.shared, x.shape[1])
+            if not bool((groups == groups[:, :1]).all()):
+                raise RuntimeError(f"rows of a shared group (shared={self.shared}) differ at a model call")
+            x, pad = x[:: self.shared], None if pad is None else pad[:: self.shared]
         if self.cfg.cfg_scale > 0:
             uncond = x.clone()
             prompt = torch.zeros_like(x, dtype=torch.bool)
             prompt[:, : self.prompt_length] = True
-            if self.pad is not None:
-                prompt &= self.pad.bool()
+            if pad is not None:
+                prompt &= pad.bool()
             uncond[prompt] = self.mask_id
-            pad = None if self.pad is None else torch.cat([self.pad, self.pad])
-            cond, un = self._run(torch.cat([x, uncond]), pad, start, end).float().chunk(2)
+            both = None if pad is None else torch.cat([pad, pad])
+            cond, un = self._run(torch.cat([x, uncond]), both, start, end).float().chunk(2)
             logits = un + (self.cfg.cfg_scale + 1) * (cond - un)
         else:
-            logits = self._run(x, self.pad, start, end).float()
+            logits = self._run(x, pad, start, end).float()
         logits[..., self.mask_id] = float("-inf")  # SUBS
-        return logits
+        return logits.repeat_interleave(self.shared, dim=0) if self.shared > 1 else logits
 
 
 @dataclass
@@ -236,33 +262,10 @@ def run_blocks(
     attention_mask: Tensor | None,
     generator: torch.Generator | None,
 ) -> DecodeOutput:
-    mask_id = resolve_mask_token_id(model, cfg.mask_token_id)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and not 0 <= mask_id < vocab:
-        raise ValueError(
-            f"mask_token_id={mask_id} is outside the model's vocabulary of {vocab}; "
-            "use the mask token of the model's tokenizer"
-        )
-    check_context(model, prompt_ids.shape[1] + cfg.gen_length)  # alignment padding below takes no positions
-    check_cache(model, cfg.cache)
-    model_block = block_causal_size(model)
-    extra = 0
-    if model_block is not None:
-        block_len = cfg.gen_length // cfg.num_blocks
-        if block_len % model_block:
-            raise ValueError(
-                f"block_length={block_len} is not a multiple of the model's block size {model_block}; "
-                f"a block-causal model decodes whole blocks (use block_length={model_block})"
-            )
-        # start the generation on a model-block boundary: left-pad the prompt (RoPE positions unchanged)
-        extra = (-prompt_ids.shape[1]) % model_block
-        if extra:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(prompt_ids)
-            prompt_ids = torch.cat([prompt_ids.new_full((prompt_ids.shape[0], extra), mask_id), prompt_ids], dim=1)
-            attention_mask = torch.cat([attention_mask.new_zeros((attention_mask.shape[0], extra)), attention_mask], 1)
-    out = _run_blocks(cfg, policy, model, prompt_ids, attention_mask, generator, mask_id)
-    return out if not extra else _strip_columns(out, extra)
+    decoding = Decoding(cfg, policy, model, prompt_ids, attention_mask, generator)
+    while decoding.advance():
+        pass
+    return decoding.output()
 
 
 def block_causal_size(model: nn.Module) -> int | None:
@@ -271,6 +274,201 @@ def block_causal_size(model: nn.Module) -> int | None:
     if getattr(config, "attention_mode", None) == "block_causal":
         return int(config.block_size)
     return None
+
+
+class Decoding:
+    """One batched decode as a state machine over the semi-AR block loop.
+
+    ``advance()`` runs one decoding step of every unfinished row (opening the next block and
+    finishing rows at block ends as needed) and returns False once decoding is over; ``output()``
+    is the :class:`DecodeOutput`. :func:`run_blocks` is ``while advance(): pass``. Guided decoding
+    (``dlm.decode.guides``) drives the same loop step by step: between steps it may reorder or
+    duplicate rows (``reindex``: resampling particles, with every per-row state — canvas, logits,
+    KV cache, policy — following its row), restrict a step to some rows (``advance(active)``) and
+    set rows to a stored state (``load``).
+
+    ``shared = M > 1`` declares that rows come in consecutive groups of M whose canvases are
+    identical at every model call (SVDD's M candidate transitions of one particle): the model runs
+    on one row per group and its logits serve the group; NFE counts one evaluation per group.
+    """
+
+    def __init__(
+        self,
+        cfg: DecodeConfig,
+        policy: InBlockPolicy,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        attention_mask: Tensor | None,
+        generator: torch.Generator | None,
+        *,
+        shared: int = 1,
+    ):
+        mask_id = resolve_mask_token_id(model, cfg.mask_token_id)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is not None and not 0 <= mask_id < vocab:
+            raise ValueError(
+                f"mask_token_id={mask_id} is outside the model's vocabulary of {vocab}; "
+                "use the mask token of the model's tokenizer"
+            )
+        check_context(model, prompt_ids.shape[1] + cfg.gen_length)  # alignment padding below takes no positions
+        check_cache(model, cfg.cache)
+        if shared < 1 or prompt_ids.shape[0] % shared:
+            raise ValueError(f"shared={shared} must be >= 1 and divide the batch of {prompt_ids.shape[0]} rows")
+        prompt_ids, attention_mask, self.extra = _align_to_model_blocks(cfg, model, prompt_ids, attention_mask, mask_id)
+        self.cfg, self.policy, self.generator, self.mask_id, self.shared = cfg, policy, generator, mask_id, shared
+        eos = cfg.eos_token_id
+        if eos is None:
+            found = getattr(getattr(model, "config", None), "eos_token_id", None)
+            eos = found[0] if isinstance(found, (list, tuple)) else found
+        self.eos = eos
+        B, P = prompt_ids.shape
+        G = cfg.gen_length
+        device = prompt_ids.device
+        self.prompt_length = P
+        self.x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=prompt_ids.dtype, device=device)], dim=1)
+        self.step_map = torch.full_like(self.x, -1)
+        self.logprobs = torch.zeros(self.x.shape, dtype=torch.float64, device=device)
+        # policies that simulate the continuous-time chain (first-hitting) expose last_times
+        self.times = (
+            torch.full(self.x.shape, float("nan"), dtype=torch.float64, device=device)
+            if hasattr(policy, "last_times")
+            else None
+        )
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        pad = left_pad_mask(prompt_ids, attention_mask, G)
+        rows = B // shared * (2 if cfg.cfg_scale > 0 else 1)
+        block_only = bool(getattr(model, "supports_output_mask", False))
+        runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only)
+        self.logits = Logits(pad, mask_id, cfg, P, runner, shared)
+        self.logits.reset(B, device)
+        self.history: list[Tensor] = []
+        self.block_len = G // cfg.num_blocks
+        self.block = 0  # index of the open (or next) block
+        self.block_steps: int | None = None  # step budget of the open block; None = not opened yet
+        self.step_in_block = 0
+        self.global_step = 0
+        self.done = False
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Canvas columns ``[start, end)`` of the current block."""
+        start = self.prompt_length + self.block * self.block_len
+        return start, start + self.block_len
+
+    def masked(self) -> Tensor:
+        """``[B, Tb]`` masked positions of the current block in unfinished rows."""
+        start, end = self.span
+        return (self.x[:, start:end] == self.mask_id) & ~self.finished[:, None]
+
+    def advance(self, active: Tensor | None = None) -> bool:
+        """Run one decoding step; ``active`` ``[B]`` restricts it to some rows (the others keep
+        their canvas). Returns False, doing nothing, once every block is done or every row finished."""
+        while not self.done:
+            if self.block_steps is None:
+                budget = self.cfg.block_steps(self.block)
+                self.block_steps = self.policy.start_block(self.masked(), budget, self.generator)
+                self.step_in_block = 0
+            masked = self.masked()
+            if self.step_in_block < self.block_steps and masked.any():
+                self._step(masked if active is None else masked & active[:, None].to(masked.device))
+                return True
+            self._close_block()
+        return False
+
+    def _step(self, masked: Tensor) -> None:
+        start, end = self.span
+        if masked.any():
+            x = self.x
+            state = BlockState(
+                x, start, masked, self.step_in_block, self.block_steps, partial(self.logits, x, start, end)
+            )
+            decode, tokens, lp = self.policy.step(state, self.generator)
+            decode &= masked
+            block = x[:, start:end]
+            block[decode] = tokens[decode].to(x.dtype)
+            self.step_map[:, start:end][decode] = self.global_step
+            self.logprobs[:, start:end][decode] = lp[decode].double()
+            if self.times is not None:
+                self.times[:, start:end][decode] = self.policy.last_times[decode]
+            self.logits.changed(decode.any(dim=1))
+        self.global_step += 1
+        self.step_in_block += 1
+        if self.cfg.record_history:
+            self.history.append(self.x.clone())
+
+    def _close_block(self) -> None:
+        _, end = self.span
+        self.finished |= _finished_rows(
+            self.x[:, self.prompt_length : end], self.eos if self.cfg.stop_at_eos else None, self.cfg.stop
+        )
+        self.block += 1
+        self.block_steps = None
+        self.done = self.block == self.cfg.num_blocks or bool(self.finished.all())
+
+    def reindex(self, index: Tensor) -> None:
+        """Row ``i`` becomes a copy of row ``index[i]`` (``[B]``): canvas, history of decoding,
+        cached logits, KV cache and policy state. NFE stays with the row slot (it counts work done)."""
+        for name in ("x", "step_map", "logprobs", "finished", "times"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index.to(value.device)])
+        self.logits.reindex(index)
+        if hasattr(self.policy, "reindex"):
+            self.policy.reindex(index)
+
+    def load(self, rows: Tensor, tokens: Tensor, step_map: Tensor, logprobs: Tensor) -> None:
+        """Set the generation of ``rows`` (``[B]`` bool) to ``tokens``, ``step_map`` and ``logprobs``
+        (each ``[rows.sum(), G]``, canvas view: the mask token where not decoded)."""
+        P = self.prompt_length
+        self.x[rows, P:] = tokens.to(self.x.dtype)
+        self.step_map[rows, P:] = step_map.to(self.step_map.dtype)
+        self.logprobs[rows, P:] = logprobs.double()
+        self.logits.changed(rows)
+
+    def text(self) -> Tensor:
+        """The text view of the canvas (EOS after a finished row's first EOS)."""
+        return (
+            self.x
+            if self.eos is None
+            else _fill_after_eos(self.x, self.prompt_length, self.finished, self.eos, self.mask_id)
+        )
+
+    def output(self) -> DecodeOutput:
+        out = DecodeOutput(
+            self.text(),
+            self.step_map,
+            self.logprobs,
+            self.logits.nfe,
+            self.logits.calls,
+            self.prompt_length,
+            self.history,
+            self.times,
+            canvas=self.x,
+        )
+        return out if not self.extra else _strip_columns(out, self.extra)
+
+
+def _align_to_model_blocks(
+    cfg: DecodeConfig, model: nn.Module, prompt_ids: Tensor, attention_mask: Tensor | None, mask_id: int
+) -> tuple[Tensor, Tensor | None, int]:
+    """Left-pad the prompt so the generation starts on a model-block boundary of a block-causal
+    model (RoPE positions unchanged); returns the padded prompt, its mask and the columns added."""
+    model_block = block_causal_size(model)
+    if model_block is None:
+        return prompt_ids, attention_mask, 0
+    block_len = cfg.gen_length // cfg.num_blocks
+    if block_len % model_block:
+        raise ValueError(
+            f"block_length={block_len} is not a multiple of the model's block size {model_block}; "
+            f"a block-causal model decodes whole blocks (use block_length={model_block})"
+        )
+    extra = (-prompt_ids.shape[1]) % model_block
+    if extra:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt_ids)
+        prompt_ids = torch.cat([prompt_ids.new_full((prompt_ids.shape[0], extra), mask_id), prompt_ids], dim=1)
+        attention_mask = torch.cat([attention_mask.new_zeros((attention_mask.shape[0], extra)), attention_mask], 1)
+    return prompt_ids, attention_mask, extra
 
 
 def _strip_columns(out: DecodeOutput, n: int) -> DecodeOutput:
@@ -286,67 +484,6 @@ def _strip_columns(out: DecodeOutput, n: int) -> DecodeOutput:
         None if out.times is None else out.times[:, n:],
         canvas=out.canvas[:, n:],
     )
-
-
-def _run_blocks(
-    cfg: DecodeConfig,
-    policy: InBlockPolicy,
-    model: nn.Module,
-    prompt_ids: Tensor,
-    attention_mask: Tensor | None,
-    generator: torch.Generator | None,
-    mask_id: int,
-) -> DecodeOutput:
-    eos = cfg.eos_token_id
-    if eos is None:
-        found = getattr(getattr(model, "config", None), "eos_token_id", None)
-        eos = found[0] if isinstance(found, (list, tuple)) else found
-    B, P = prompt_ids.shape
-    G = cfg.gen_length
-    device = prompt_ids.device
-    x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=prompt_ids.dtype, device=device)], dim=1)
-    step_map = torch.full_like(x, -1)
-    logprobs = torch.zeros(x.shape, dtype=torch.float64, device=device)
-    # policies that simulate the continuous-time chain (first-hitting) expose last_times
-    times = (
-        torch.full(x.shape, float("nan"), dtype=torch.float64, device=device) if hasattr(policy, "last_times") else None
-    )
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    pad = left_pad_mask(prompt_ids, attention_mask, G)
-    rows = B * (2 if cfg.cfg_scale > 0 else 1)
-    block_only = bool(getattr(model, "supports_output_mask", False))
-    runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only)
-    logits = Logits(pad, mask_id, cfg, P, runner)
-    logits.reset(B, device)
-    history: list[Tensor] = []
-    block_len = G // cfg.num_blocks
-    global_step = 0
-    for b in range(cfg.num_blocks):
-        start, end = P + b * block_len, P + (b + 1) * block_len
-        masked = (x[:, start:end] == mask_id) & ~finished[:, None]
-        n_steps = policy.start_block(masked, cfg.block_steps(b), generator)
-        for i in range(n_steps):
-            masked = (x[:, start:end] == mask_id) & ~finished[:, None]
-            if not masked.any():
-                break
-            state = BlockState(x, start, masked, i, n_steps, partial(logits, x, start, end))
-            decode, tokens, lp = policy.step(state, generator)
-            decode &= masked
-            block = x[:, start:end]
-            block[decode] = tokens[decode].to(x.dtype)
-            step_map[:, start:end][decode] = global_step
-            logprobs[:, start:end][decode] = lp[decode].double()
-            if times is not None:
-                times[:, start:end][decode] = policy.last_times[decode]
-            logits.changed(decode.any(dim=1))
-            global_step += 1
-            if cfg.record_history:
-                history.append(x.clone())
-        finished |= _finished_rows(x[:, P:end], eos if cfg.stop_at_eos else None, cfg.stop)
-        if bool(finished.all()):
-            break
-    tokens = x if eos is None else _fill_after_eos(x, P, finished, eos, mask_id)
-    return DecodeOutput(tokens, step_map, logprobs, logits.nfe, logits.calls, P, history, times, canvas=x)
 
 
 def _finished_rows(generated: Tensor, eos: int | None, stop: Callable[[Tensor], Tensor] | None) -> Tensor:

@@ -89,6 +89,9 @@ class Runner:
     def reset(self) -> None:
         pass
 
+    def reindex(self, index: Tensor) -> None:
+        """Rows follow ``index`` (row ``i`` becomes row ``index[i]``): the whole-canvas runner keeps no row state."""
+
     def __call__(self, x: Tensor, pad: Tensor | None, start: int, end: int, new_block: bool) -> Tensor:
         return self.full(x, pad, start, end)
 
@@ -124,6 +127,9 @@ class ExactRunner(Runner):
         self.cache = cache
         self.committed = 0  # columns [0, committed) are final and their clean K/V are cached
 
+    def reindex(self, index: Tensor) -> None:
+        self.cache.reindex(index)
+
     def __call__(self, x, pad, start, end, new_block):
         lo = min(self.committed, start)
         logits = self.fed(x, pad, self.cache, lo, end, start, end)
@@ -138,6 +144,9 @@ class PrefixRunner(Runner):
         super().__init__(model, True, mask_id)
         self.cache, self.dual = cache, dual
 
+    def reindex(self, index: Tensor) -> None:
+        self.cache.reindex(index)
+
     def __call__(self, x, pad, start, end, new_block):
         if new_block:
             return self.full(x, pad, start, end, self.cache)
@@ -150,6 +159,11 @@ class DelayedRunner(Runner):
         self.cache, self.refresh_every = cache, refresh_every
         self.seen: Tensor | None = None  # [B, T] token whose K/V each slot holds (-1: none)
         self.since_refresh = 0  # model calls since the last full forward
+
+    def reindex(self, index: Tensor) -> None:
+        self.cache.reindex(index)
+        if self.seen is not None:
+            self.seen = self.seen[index]
 
     def __call__(self, x, pad, start, end, new_block):
         B, T = x.shape

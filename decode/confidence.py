@@ -68,12 +68,18 @@ def count_from_rule(conf_BT: Tensor, masked: Tensor, rule: str, threshold: float
 class ConfidencePolicy:
     def __init__(self, cfg: ConfidenceDecoder):
         self.cfg = cfg
+        self.counts: Tensor | None = None  # [B, steps] schedule rule: tokens to decode per step
 
     def start_block(self, masked: Tensor, steps: int, generator) -> int:
         if self.cfg.rule == "schedule":
             self.counts = transfer_schedule(masked.sum(dim=1), steps)
             return steps
         return masked.shape[1]  # at least one per step: the block ends within its length
+
+    def reindex(self, index: Tensor) -> None:
+        """Rows follow ``index`` (resampled particles keep their per-step counts)."""
+        if self.counts is not None:
+            self.counts = self.counts[index.to(self.counts.device)]
 
     def step(self, state: BlockState, generator) -> tuple[Tensor, Tensor, Tensor]:
         cfg, masked = self.cfg, state.masked

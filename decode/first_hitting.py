@@ -29,11 +29,17 @@ class FirstHittingPolicy:
         self.cfg = cfg
         self.schedule = schedule_of(cfg.schedule, cfg.schedule_eps)
         self.last_times: Tensor | None = None
+        self.tau: Tensor | None = None  # [B] float64 current time of each row in its block
 
     def start_block(self, masked: Tensor, steps: int, generator) -> int:
         self.tau = torch.ones(masked.shape[0], dtype=torch.float64, device=masked.device)  # each block starts at t=1
         most = int(masked.sum(dim=1).max())
         return -(-most // self.cfg.tokens_per_call)
+
+    def reindex(self, index: Tensor) -> None:
+        """Rows follow ``index`` (resampled particles keep their current time)."""
+        if self.tau is not None:
+            self.tau = self.tau[index.to(self.tau.device)]
 
     def step(self, state: BlockState, generator) -> tuple[Tensor, Tensor, Tensor]:
         masked = state.masked

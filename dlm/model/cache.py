@@ -70,6 +70,13 @@ class KVCache:
         else:
             self.valid.scatter_(1, slots_BT, False)
 
+    def reindex(self, index: Tensor) -> None:
+        """Row ``i`` of every buffer becomes row ``index[i]`` (resampled decoding particles)."""
+        index = index.to(self.valid.device)
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        self.valid = self.valid[index]
+
     def update(self, layer: int, k_BHTD: Tensor, v_BHTD: Tensor, slots_BT: Tensor) -> tuple[Tensor, Tensor]:
         """Write this layer's fresh K/V at ``slots``; return the buffers ``[B, H, filled, D]``."""
         index = slots_BT[:, None, :, None].expand_as(k_BHTD)
