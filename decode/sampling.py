@@ -37,22 +37,28 @@ def inverse_cdf(weights_NV: Tensor, u_N: Tensor) -> tuple[Tensor, Tensor]:
     """The first token whose float64 cumulative weight exceeds ``u · total`` (weights >= 0),
     and the float64 ``total`` of each row.
 
-    Two levels, so nothing of length V is cumulated: float64 sums of chunks of 256 tokens locate
-    the chunk, and a float64 cumulative sum inside that chunk locates the token. A token of zero
-    weight is never returned.
+    Two levels, so nothing of length V is cumulated and nothing of size ``[N, V]`` is copied:
+    float64 sums of chunks of ``C = min(256, V)`` tokens (a strided view; the last chunk may be
+    shorter) locate the chunk, and a float64 cumulative sum inside that chunk locates the token.
+    A token of zero weight is never returned.
     """
     N, V = weights_NV.shape
-    pad = (-V) % CHUNK
-    w = (torch.nn.functional.pad(weights_NV, (0, pad)) if pad else weights_NV).view(N, -1, CHUNK)  # [N, K, C]
-    chunk = w.sum(dim=-1, dtype=torch.float64)  # [N, K], accumulated in float64 without a float64 copy
+    w = weights_NV if weights_NV.stride(-1) == 1 else weights_NV.contiguous()
+    C = min(CHUNK, V)
+    K, rest = divmod(V, C)
+    full = w.as_strided((N, K, C), (w.stride(0), C, 1))  # [N, K, C] view
+    chunk = full.sum(dim=-1, dtype=torch.float64)  # [N, K], accumulated in float64 without a float64 copy
+    if rest:
+        chunk = torch.cat([chunk, w[:, K * C :].sum(dim=-1, dtype=torch.float64, keepdim=True)], dim=1)
     ccdf = chunk.cumsum(dim=-1)
     target = u_N[:, None] * ccdf[:, -1:]  # [N, 1]
     k = torch.searchsorted(ccdf, target, right=True).clamp(max=ccdf.shape[1] - 1)  # [N, 1]
     before = ccdf.gather(1, k) - chunk.gather(1, k)
-    inner = w[torch.arange(N, device=w.device), k.squeeze(1)].double().cumsum(dim=-1)  # [N, C]
+    cols = k * C + torch.arange(C, device=w.device)  # [N, C] the chosen chunk's columns
+    inner = w.gather(1, cols.clamp(max=V - 1)).double().masked_fill(cols >= V, 0.0).cumsum(dim=-1)
     j = torch.searchsorted(inner, target - before, right=True)
     last_positive = (inner < inner[:, -1:]).sum(dim=-1, keepdim=True)  # guards against rounding at the edge
-    return (k * CHUNK + torch.minimum(j, last_positive)).squeeze(1), ccdf[:, -1]
+    return (k * C + torch.minimum(j, last_positive)).squeeze(1), ccdf[:, -1]
 
 
 def uniforms(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:

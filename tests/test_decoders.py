@@ -1,7 +1,6 @@
 """SPEC §3 / §7 decoder invariants: exactness against an oracle, FHS statistics, float64
 sampling, LLaDA schedules, blocks, stopping, guidance, batching and bad input."""
 
-import itertools
 import math
 
 import pytest
@@ -12,56 +11,7 @@ from conftest import tiny_model
 from dlm.decode import build_decoder, decoder_names
 from dlm.decode.confidence import count_from_rule, transfer_schedule
 from dlm.decode.sampling import sample_categorical
-
-V, L, MASK = 4, 4, 4  # oracle: 4 real tokens, mask id 4
-
-
-def make_joint(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A strongly correlated joint over all V^L sequences: (sequences [S, L], probabilities [S])."""
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=L)))
-    g = torch.Generator().manual_seed(seed)
-    energy = torch.randn(len(seqs), generator=g, dtype=torch.float64)
-    energy += 2.0 * (seqs[:, 1:] == seqs[:, :-1]).sum(-1)  # neighbours like to agree
-    return seqs, torch.softmax(energy, 0)
-
-
-class Oracle(nn.Module):
-    """Logits = log of the exact conditional marginals of the joint given the unmasked tokens.
-
-    Only (V+1)^L = 625 canvases exist, so every answer is computed once up front."""
-
-    def __init__(self, seqs, probs):
-        super().__init__()
-        canvases = torch.tensor(list(itertools.product(range(V + 1), repeat=L)))  # [625, L]
-        match = ((canvases[:, None, :] == seqs[None]) | (canvases[:, None, :] == MASK)).all(-1)  # [625, S]
-        w = match.double() * probs[None]
-        marg = torch.einsum("cs,slv->clv", w, torch.nn.functional.one_hot(seqs, V).double())
-        marg = marg / marg.sum(-1, keepdim=True)
-        self.table = torch.cat([marg.log(), torch.full((*marg.shape[:2], 1), -1e9, dtype=torch.float64)], -1).float()
-        self.calls = 0
-
-    def forward(self, input_ids, attention_mask=None):
-        self.calls += 1
-        x = input_ids[:, -L:]
-        return self.table[(x * ((V + 1) ** torch.arange(L - 1, -1, -1))).sum(-1)]
-
-
-def empirical(tokens: torch.Tensor) -> torch.Tensor:
-    idx = (tokens[:, -L:] * (V ** torch.arange(L - 1, -1, -1))).sum(-1)
-    return torch.bincount(idx, minlength=V**L).double() / len(tokens)
-
-
-def chi2_ok(freq: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[bool, float]:
-    """χ² over cells with expected count >= 5 (the rest pooled), at the 0.001 level (Wilson–Hilferty)."""
-    exp, obs = probs * n, freq * n
-    big = exp >= 5
-    e = torch.cat([exp[big], exp[~big].sum()[None]]) if (~big).any() else exp[big]
-    o = torch.cat([obs[big], obs[~big].sum()[None]]) if (~big).any() else obs[big]
-    stat = ((o - e) ** 2 / e).sum().item()
-    k = len(e) - 1
-    crit = k * (1 - 2 / (9 * k) + 3.09 * math.sqrt(2 / (9 * k))) ** 3
-    return stat < crit, stat
-
+from oracle import MASK, L, Oracle, chi2_ok, empirical, make_joint
 
 N = 20000
 SEQS, PROBS = make_joint()
@@ -503,6 +453,10 @@ def test_two_level_inverse_cdf_matches_a_flat_float64_cdf():
         tokens, total = inverse_cdf(w, u)
         assert torch.equal(tokens, flat)
         torch.testing.assert_close(total, cdf[:, -1])
+        wide = torch.cat([torch.full((64, 5), 9.0), w, torch.full((64, 3), 9.0)], dim=1)
+        view = wide[:, 5 : 5 + vocab]  # rows strided and offset: the chunk view must read only w's columns
+        assert torch.equal(inverse_cdf(view, u)[0], flat)
+        assert torch.equal(inverse_cdf(w.T.contiguous().T, u)[0], flat)  # column-major input
         for u_edge in (1 - 1e-17, 0.0):  # both ends of [0, 1): never a zero-weight token
             edge, _ = inverse_cdf(w, torch.full((64,), u_edge, dtype=torch.float64))
             assert (w.gather(1, edge[:, None]) > 0).all(), u_edge
