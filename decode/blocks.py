@@ -360,20 +360,27 @@ class Decoding:
         start, end = self.span
         return (self.x[:, start:end] == self.mask_id) & ~self.finished[:, None]
 
-    def advance(self, active: Tensor | None = None) -> bool:
-        """Run one decoding step; ``active`` ``[B]`` restricts it to some rows (the others keep
-        their canvas). Returns False, doing nothing, once every block is done or every row finished."""
+    def ready(self) -> bool:
+        """Open and close blocks until a decoding step can run; False once every block is done or
+        every row finished (nothing left to decode)."""
         while not self.done:
             if self.block_steps is None:
                 budget = self.cfg.block_steps(self.block)
                 self.block_steps = self.policy.start_block(self.masked(), budget, self.generator)
                 self.step_in_block = 0
-            masked = self.masked()
-            if self.step_in_block < self.block_steps and masked.any():
-                self._step(masked if active is None else masked & active[:, None].to(masked.device))
+            if self.step_in_block < self.block_steps and self.masked().any():
                 return True
             self._close_block()
         return False
+
+    def advance(self, active: Tensor | None = None) -> bool:
+        """Run one decoding step; ``active`` ``[B]`` restricts it to some rows (the others keep
+        their canvas). Returns False, doing nothing, once decoding is over (see :meth:`ready`)."""
+        if not self.ready():
+            return False
+        masked = self.masked()
+        self._step(masked if active is None else masked & active[:, None].to(masked.device))
+        return True
 
     def _step(self, masked: Tensor) -> None:
         start, end = self.span
