@@ -121,6 +121,30 @@ def test_clip_feasibility_is_inclusive_at_both_ends():
             build_objective("bd3lm", mask_token_id=MASK, block_size=4, clip_low=low, clip_high=high)
 
 
+def test_clip_counts_are_exact_at_fractions_that_floats_round():
+    from dlm.train.objectives.bd3lm import clip_counts
+
+    assert 0.28 * 25 > 7 and 0.56 * 25 > 14  # 7.000000000000001: a plain ceil would give 8
+    assert clip_counts(25, 0.28, 0.56) == (7, 14) and clip_counts(10, 0.3, 0.7) == (3, 7)
+    assert clip_counts(4, 0.25, 0.5) == (1, 2) and clip_counts(4, 0.0, 1.0) == (0, 4)
+    assert clip_counts(4, 0.3, 0.45) == (2, 1)  # empty
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=25, clip_low=0.28, clip_high=0.56)
+    counts = bd3.sample_noise((512, 50), torch.Generator().manual_seed(0))["masked"].view(-1, 25).sum(-1)
+    assert counts.min() == 7 and counts.max() == 14  # both ends reachable, nothing outside
+
+
+def test_redrawing_masks_stops_after_its_bound_with_a_clear_error():
+    """A block that can never reach its range (mask rate 0, at least one token wanted) is redrawn
+    exactly 200 times (the documented bound), then the error says so."""
+    bd3 = build_objective("bd3lm", mask_token_id=MASK, block_size=4, clip_low=0.25, clip_high=0.5)
+    g, twin = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError, match="could not draw masks within \\[0.25, 0.5\\] in 200 rounds"):
+        bd3._resample(torch.zeros(2, 8, dtype=torch.bool), torch.zeros(2, 8), g)
+    for _ in range(200):
+        torch.rand(2, 8, generator=twin)
+    assert torch.equal(g.get_state(), twin.get_state())  # exactly that many redraws
+
+
 def test_default_block_times_lie_in_t_eps_one():
     t = build_objective("bd3lm", mask_token_id=MASK, block_size=4).sample_noise((64, 64), torch.Generator())["t"]
     assert t.min() >= 1e-3 and t.max() <= 1.0
@@ -172,6 +196,9 @@ def test_each_block_is_weighted_by_its_own_time():
 def test_bad_block_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="block_size=5 must be a positive divisor of data.seq_len=256"):
         from_dict(RecipeConfig, {"objective": "bd3lm", "diffusion": {"block_size": 5}})
+    for block in (None, 0, -2):
+        with pytest.raises(ConfigError, match="needs diffusion.block_size"):
+            build_objective("bd3lm", mask_token_id=MASK, block_size=block)
     with pytest.raises(ConfigError, match="no mask count k gives k/1 in"):
         build_objective("bd3lm", mask_token_id=MASK, block_size=1, clip_low=0.3, clip_high=0.8)
     with pytest.raises(ConfigError, match="does not divide data.seq_len=10"):

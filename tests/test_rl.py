@@ -360,10 +360,16 @@ def test_rows_of_rollout_slices_concatenate_to_the_rows_of_the_batch(name, kw):
     model, _, r = block_causal_rollouts("confidence", 4, steps=16)
     idle = Rollouts(r.tokens[:1], torch.full_like(r.step_map[:1], -1), r.prompt_length, r.pad[:1])
     sliced = [idle, r.select(slice(0, 2)), r.select(slice(2, 3))]  # sizes 1, 2, 1: owners shift by odd starts
-    whole = Rollouts(*(torch.cat([s.tokens, r.tokens]) for s in (idle,)), prompt_length=r.prompt_length,
-                     step_map=torch.cat([idle.step_map, r.step_map]), pad=torch.cat([idle.pad, r.pad]))
-    parts = [build_rows(name, s, MASK, generator=torch.Generator().manual_seed(i), block_size=4, **kw)
-             for i, s in enumerate(sliced)]
+    whole = Rollouts(
+        *(torch.cat([s.tokens, r.tokens]) for s in (idle,)),
+        prompt_length=r.prompt_length,
+        step_map=torch.cat([idle.step_map, r.step_map]),
+        pad=torch.cat([idle.pad, r.pad]),
+    )
+    parts = [
+        build_rows(name, s, MASK, generator=torch.Generator().manual_seed(i), block_size=4, **kw)
+        for i, s in enumerate(sliced)
+    ]
     assert parts[0].inputs.shape[1] == parts[1].inputs.shape[1] and not parts[0].targets.any()
     assert (parts[0].inputs.shape[0] == 0) == (name == "trajectory")
     plain = build_rows(name, idle, MASK, generator=torch.Generator().manual_seed(0), **kw)  # no blocks: unpaired
@@ -404,6 +410,92 @@ def test_block_rows_check_the_decoding_order_and_cover_every_token_of_crafted_st
         rows = rows_for(steps)
         assert not rows.paired, steps
         assert torch.equal(rows.targets.sum(0), torch.ones(8, dtype=torch.long)), steps
+
+
+def test_blockwise_check_reads_every_rollout_past_one_with_nothing_decoded():
+    """Rollout 0 decoded nothing (a finished row), rollout 1 decodes out of block order: the check
+    must go on past rollout 0 and refuse the paired layout."""
+    from dlm.train.rl.estimators import _blockwise
+
+    steps = torch.tensor([[-1] * 8, [0, 1, 4, 5, 2, 3, 6, 7]])
+    assert not _blockwise(steps, 2)
+    assert _blockwise(torch.tensor([[-1] * 8, [0, 0, 1, 2, 3, 3, 4, 5]]), 2)
+
+
+def test_block_rows_never_score_a_never_decoded_position_inside_a_decoded_block():
+    """A crafted step map with a hole (-1) inside decoded blocks: the hole is masked in every state
+    and is no row's target, whatever the shrink."""
+    tokens = torch.randint(0, 63, (1, 8), generator=torch.Generator().manual_seed(0))
+    steps = torch.tensor([[0, -1, 1, 2, 3, -1, 4, 5]])
+    for shrink in (1, 2):
+        rows = build_rows("trajectory", Rollouts(tokens, steps, 0, None), MASK, block_size=2, shrink=shrink)
+        assert rows.paired
+        hit = rows.targets[:, :8].sum(0)
+        assert hit.tolist() == [1, 0, 1, 1, 1, 0, 1, 1], shrink
+        assert (rows.inputs[:, [1, 5]] == MASK).all()  # noisy halves
+        assert (rows.inputs[:, [9, 13]] == MASK).all()  # clean halves: never decoded, never clean
+
+
+def test_shrink_below_one_is_refused():
+    _, _, r = rollouts("confidence", steps=12)
+    for shrink in (0, -1):
+        with pytest.raises(ValueError, match=f"shrink={shrink} must be >= 1"):
+            build_rows("trajectory", r, MASK, shrink=shrink)
+
+
+def test_one_step_rows_hide_each_prompt_token_with_probability_p_mask():
+    """diffu-GRPO's prompt masking: each real prompt token hidden independently with p = p_mask
+    (default 0.15), padding never."""
+    batch, P = 64, 50
+    tokens = torch.randint(0, 63, (batch, P + 4), generator=torch.Generator().manual_seed(0))
+    pad = torch.ones_like(tokens)
+    pad[::2, :10] = 0
+    step_map = torch.full_like(tokens, -1)
+    step_map[:, P:] = torch.arange(4)
+    r = Rollouts(tokens, step_map, P, pad)
+    real = pad[:, :P].bool()
+    for p_mask, kw in ((0.15, {}), (0.6, {"p_mask": 0.6})):
+        rows = build_rows("one_step", r, MASK, generator=torch.Generator().manual_seed(1), **kw)
+        hidden = rows.inputs[:, :P] == MASK
+        assert not (hidden & ~real).any() or (tokens[:, :P][hidden & ~real] == MASK).all()
+        rate = hidden[real].double().mean().item()
+        se = math.sqrt(p_mask * (1 - p_mask) / int(real.sum()))
+        assert abs(rate - p_mask) < 4 * se, (p_mask, rate)
+
+
+def test_token_logprobs_sums_rows_that_score_the_same_token():
+    """The contract is a sum over rows: two rows scoring one position add their weighted log-probs."""
+    model, _, r = rollouts("confidence", steps=12)
+    rows = build_rows("one_step", r, MASK, generator=torch.Generator().manual_seed(0))
+    twice = Rows(
+        torch.cat([rows.inputs, rows.inputs]),
+        torch.cat([rows.targets, rows.targets]),
+        torch.cat([rows.weights, 0.5 * rows.weights]),
+        torch.cat([rows.owner, rows.owner]),
+    )
+    with torch.no_grad():
+        once = token_logprobs(model, r, rows, MASK)
+        both = token_logprobs(model, r, twice, MASK, batch_size=64)  # both copies in one batch
+    torch.testing.assert_close(both, 1.5 * once)
+
+
+def test_trajectory_rows_without_a_padding_mask_hide_the_alignment_columns():
+    """Rollouts with no padding mask on a block-causal model whose prompt is off the block grid
+    (3 columns, blocks of 4): the rows' alignment column is hidden as the decoder's was, so exact
+    rows (per-step canvases and vectorised) give the decode-time log-probs."""
+    model = tiny_model(seed=4, attention_mode="block_causal", block_size=4)
+    prompt = torch.randint(0, 63, (2, 3), generator=torch.Generator().manual_seed(2))
+    dec = build_decoder("confidence", gen_length=8, steps=8, block_length=4, eos_token_id=None, temperature=1.0)
+    out = dec(model, prompt, generator=torch.Generator().manual_seed(5))
+    r = Rollouts(out.tokens, out.step_map, out.prompt_length, None)
+    for vectorise in (True, False):
+        from dlm.train.rl.estimators import trajectory_rows
+
+        rows = trajectory_rows(r, MASK, block_size=4, vectorise=vectorise)
+        assert rows.offset == 1 and rows.paired == vectorise
+        with torch.no_grad():
+            logp = token_logprobs(model, r, rows, MASK)
+        torch.testing.assert_close(logp[r.trainable].double(), out.logprobs[r.trainable], atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_estimator_names_the_known_ones():

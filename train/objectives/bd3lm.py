@@ -17,6 +17,8 @@ always uses the unclipped ``U[0, 1]`` bound.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -36,9 +38,16 @@ def bd3lm_inputs(x0_BL: Tensor, zt_BL: Tensor, block_size: int) -> tuple[Tensor,
     return torch.cat([zt_BL, x0_BL], dim=1), positions, mask
 
 
+def clip_counts(block_size: int, low: float, high: float) -> tuple[int, int]:
+    """The mask counts ``k_min..k_max`` of a block of ``B`` whose fraction k/B lies in [low, high]
+    (ends inclusive, to 1e-9: 0.3·10 is 3); empty when k_min > k_max."""
+    return math.ceil(low * block_size - 1e-9), math.floor(high * block_size + 1e-9)
+
+
 def clip_is_feasible(block_size: int, low: float, high: float) -> bool:
     """Some mask count k in 0..B has k/B in [low, high]."""
-    return any(low <= k / block_size <= high for k in range(block_size + 1))
+    k_min, k_max = clip_counts(block_size, low, high)
+    return k_min <= k_max
 
 
 class BD3LMObjective:
@@ -61,7 +70,7 @@ class BD3LMObjective:
             raise ConfigError("objective=bd3lm needs diffusion.block_size (a positive integer dividing data.seq_len)")
         if not 0.0 <= clip_low < clip_high <= 1.0:
             raise ConfigError(f"diffusion.clip_low={clip_low}, clip_high={clip_high}: need 0 <= low < high <= 1")
-        if (clip_low, clip_high) != (0.0, 1.0) and not clip_is_feasible(block_size, clip_low, clip_high):
+        if not clip_is_feasible(block_size, clip_low, clip_high):
             raise ConfigError(
                 f"no mask count k gives k/{block_size} in [{clip_low}, {clip_high}]; widen the clip "
                 f"range or use a larger diffusion.block_size"
@@ -97,9 +106,10 @@ class BD3LMObjective:
         """Redraw the masks of blocks whose masked fraction falls outside [β, ω] (BD3-LM)."""
         G, L = masked.shape
         low, high = self.clip
+        k_min, k_max = clip_counts(self.block_size, low, high)
         for _ in range(MAX_RESAMPLE_ROUNDS):
-            frac = masked.view(G, -1, self.block_size).float().mean(-1)
-            bad = ((frac < low - 1e-9) | (frac > high + 1e-9)).repeat_interleave(self.block_size, dim=1)
+            count = masked.view(G, -1, self.block_size).sum(-1)  # [G, blocks] masked tokens per block
+            bad = ((count < k_min) | (count > k_max)).repeat_interleave(self.block_size, dim=1)
             if not bad.any():
                 return masked
             fresh = torch.rand(G, L, generator=generator) < p_mask

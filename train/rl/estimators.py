@@ -157,7 +157,7 @@ def _paired_trajectory_rows(tokens, step_map, fill, r: Rollouts, mask_id, shrink
             cols = (block_of == j) & (step_map[b] >= 0)
             steps = torch.unique(step_map[b][cols])  # ascending
             group[cols] = torch.searchsorted(steps, step_map[b][cols]) // shrink
-        for g in range(int(group.max()) + 1 if bool((group >= 0).any()) else 0):
+        for g in range(int(group.max()) + 1):  # group ranks; none (max -1) when nothing was decoded
             # a block's state before its g-th group: tokens of groups >= g (and EOS fill) masked
             noisy = clean[b].masked_fill((group >= g) | fill[b], mask_id)
             inputs.append(torch.cat([noisy, clean[b]]))
