@@ -87,6 +87,70 @@ def decoder_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
+GUIDE_OPTIONS = {  # CLI option -> guide setting
+    "particles": "particles",
+    "candidates": "candidates",
+    "alpha": "alpha",
+    "rollouts": "rollouts",
+    "dts_mode": "mode",
+    "energy_steps": "steps",
+}
+
+
+def guide_settings(args: argparse.Namespace) -> dict:
+    """Settings for ``build_guide`` from the CLI; an option the guide does not take is an error."""
+    from dataclasses import fields
+
+    from dlm.config import ConfigError
+    from dlm.decode.guides import GUIDES, guide_names
+
+    guide_names()  # registers the built-ins
+    allowed = {f.name for f in fields(GUIDES.get(args.guide))}
+    settings = {}
+    for option, key in GUIDE_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        if key not in allowed:
+            raise ConfigError(f"--{option.replace('_', '-')} does not apply to --guide {args.guide}")
+        settings[key] = value
+    return settings
+
+
+def _guided(args, decoder, model, tok, enc, prompts, gen, dtype):
+    """Run ``--guide`` over the prompts; returns the GuidedOutput."""
+    from dlm.config import ConfigError
+    from dlm.decode.guides import build_guide
+    from dlm.decode.guides.base import GuideError, as_reward
+
+    try:
+        guide = build_guide(args.guide, **guide_settings(args))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.energy is not None and args.guide != "edlm":
+        raise ConfigError("--energy applies to --guide edlm only")
+    kwargs = {"attention_mask": enc["attention_mask"].to(args.device), "generator": gen}
+    try:
+        reward = as_reward(args.reward, tok, prompts) if args.reward else None
+        if args.guide == "edlm":
+            if args.energy is None:
+                raise ConfigError("--guide edlm needs --energy CHECKPOINT (a causal LM with the same tokenizer)")
+            from dlm.decode.guides.edlm import CausalEnergy, check_same_vocabulary
+            from dlm.loading import load
+
+            energy_model, energy_tok, where = load(args.energy, dtype=dtype, device=args.device)
+            check_same_vocabulary(tok, energy_tok, str(where))
+            energy = CausalEnergy(energy_model.eval(), model.config.mask_token_id)
+            return guide(decoder, model, enc["input_ids"].to(args.device), energy=energy, reward=reward, **kwargs)
+        if reward is None:
+            raise ConfigError(
+                f"--guide {args.guide} needs --reward NAME (a reward of dlm.train.rl.rewards or module:function)"
+            )
+        return guide(decoder, model, enc["input_ids"].to(args.device), reward=reward, **kwargs)
+    except (GuideError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -124,6 +188,16 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     gen = torch.Generator().manual_seed(args.seed)
+    if args.guide is not None:
+        if args.show:
+            raise ConfigError("--show replays one decoding; it does not combine with --guide")
+        out = _guided(args, decoder, model, tok, enc, prompts, gen, dtype)
+        for prompt, ids, nfe, reward in zip(prompts, out.generated, out.nfe, out.reward):
+            text = tok.decode(ids, skip_special_tokens=True)
+            if args.stop:
+                text = cut_at_stop(text, args.stop)
+            print(f"=== {prompt!r} ({args.guide}: reward {float(reward):.4g}, NFE {int(nfe)})\n{prompt}{text}")
+        return 0
     try:  # checks that need the model (cache support, context length, mask id) raise here
         out = decoder(
             model, enc["input_ids"].to(args.device), attention_mask=enc["attention_mask"].to(args.device), generator=gen
@@ -185,10 +259,47 @@ def _bench_train(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_guide(args: argparse.Namespace) -> int:
+    from dlm.eval.bench_guide import main as bench_main
+
+    return bench_main(args)
+
+
 def _bench_decode(args: argparse.Namespace) -> int:
     from dlm.eval.bench_decode import main as bench_main
 
     return bench_main(args)
+
+
+def add_guide_options(p: argparse.ArgumentParser) -> None:
+    from dlm.decode.guides import guide_names
+
+    g = p.add_argument_group("guided decoding", "raise a reward at decoding time (docs/guided-decoding.md)")
+    g.add_argument(
+        "--guide", default=None, choices=guide_names(), help="best_of_n, smc, svdd, dts or edlm (default: none)"
+    )
+    g.add_argument(
+        "--reward",
+        default=None,
+        help="reward name (answer_tags, boxed, a reasoning-gym dataset, ...) or module:function",
+    )
+    g.add_argument(
+        "--particles", type=int, default=None, help="best_of_n / smc / svdd: samples or particles per prompt"
+    )
+    g.add_argument(
+        "--candidates", type=int, default=None, help="svdd: candidate steps per particle; edlm: candidates per step"
+    )
+    g.add_argument("--alpha", type=float, default=None, help="smc / svdd / dts: temperature of the tilt exp(r/alpha)")
+    g.add_argument("--rollouts", type=int, default=None, help="dts: rollouts per prompt")
+    g.add_argument(
+        "--dts-mode", default=None, choices=["sample", "search"], help="dts: sample the tilt or search the best"
+    )
+    g.add_argument(
+        "--energy", default=None, help="edlm: causal LM checkpoint (same tokenizer) whose log-likelihood is the energy"
+    )
+    g.add_argument(
+        "--energy-steps", type=int, default=None, help="edlm: resample in the first n steps of each block only"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_guide_options(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("rl", help="RL fine-tuning from a recipe (trajectory PG, diffu-GRPO, coupled-GRPO)")
@@ -302,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--energy", default=None, help="decode the samples with EDLM, this causal LM's log-likelihood as the energy"
+    )
+    p.add_argument("--candidates", type=int, default=8, help="EDLM candidates per parallel step (default 8)")
+    p.add_argument("--energy-steps", type=int, default=None, help="EDLM in the first n steps of each block only")
     p.add_argument("--output", help="write the figures here as JSON")
     p.set_defaults(func=_ppl)
 
@@ -359,6 +476,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", help="write every figure here as JSON")
     b.set_defaults(func=_bench_decode)
+
+    b = bench.add_parser(
+        "guide", help="guided decoding: reward vs NFE of best-of-N, SMC, SVDD and DTS on a task (PNG + JSON)"
+    )
+    b.add_argument(
+        "--checkpoint", required=True, help="the model to guide (a dlm run, model directory or converted checkpoint)"
+    )
+    b.add_argument("--task", default="repeat", help="generated task the prompts come from (dlm.tasks or reasoning-gym)")
+    b.add_argument("--task-args", default=None, help="task arguments, e.g. period=8,repeats=4")
+    b.add_argument("--reward", default=None, help="reward name (default: the task's own)")
+    b.add_argument("--prompts", type=int, default=32, help="held-out task prompts (default 32)")
+    b.add_argument("--methods", default="best_of_n,smc,svdd,dts", help="comma list (best_of_n is always run)")
+    b.add_argument("--budgets", default="1,2,4,8", help="particles (best_of_n, smc), candidates (svdd), rollouts (dts)")
+    b.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
+    b.add_argument("--alpha", type=float, default=0.1, help="smc / dts temperature of the tilt (default 0.1)")
+    b.add_argument("--svdd-alpha", type=float, default=0.0, help="svdd selection temperature (default 0: the best)")
+    b.add_argument("--dts-mode", default=None, choices=["sample", "search"], help="dts mode (default sample)")
+    b.add_argument("--decoder", default="confidence", choices=["ancestral", "first_hitting", "confidence"])
+    b.add_argument("--gen-length", type=int, default=32)
+    b.add_argument("--steps", type=int, default=None, help="default: the generation length")
+    b.add_argument("--block-length", type=int, default=None)
+    b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the decoder (default 1)")
+    b.add_argument(
+        "--reference", default=None, help="another checkpoint decoded plainly for comparison (e.g. dlm rl's)"
+    )
+    b.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--json", help="write every figure here")
+    b.add_argument("--plot", help="write the reward-vs-NFE curve here (PNG)")
+    b.set_defaults(func=_bench_guide)
 
     p = sub.add_parser(
         "convert", help="a published checkpoint (LLaDA, Dream, SDAR, Llama, Qwen2/3) as a dlm checkpoint"

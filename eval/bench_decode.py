@@ -171,7 +171,9 @@ def parse_task_args(text: str | None) -> dict:
     for item in filter(None, (text or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"dlm bench decode: --task-args item {item!r} is not key=value")
+            from dlm.config import ConfigError
+
+            raise ConfigError(f"--task-args item {item!r} is not key=value (e.g. period=8,repeats=4)")
         out[key.strip()] = yaml.safe_load(value)
     return out
 

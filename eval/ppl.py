@@ -67,17 +67,43 @@ def main(args) -> int:
         )
         gen = torch.Generator().manual_seed(args.seed)
         prompt = torch.full((args.num_samples, 1), tok.eos_token_id, dtype=torch.long, device=args.device)
-        out = decoder(model, prompt, generator=gen)
+        energy_where = None
+        if args.energy is not None:  # EDLM: parallel steps importance-resampled under an AR energy
+            from dlm.decode.guides import build_guide
+            from dlm.decode.guides.base import GuideError
+            from dlm.decode.guides.edlm import CausalEnergy, check_same_vocabulary
+
+            energy_model, energy_tok, energy_where = _load(args.energy, args.device, dtype)
+            try:
+                check_same_vocabulary(tok, energy_tok, energy_where)
+                guide = build_guide("edlm", candidates=args.candidates, steps=args.energy_steps)
+                out = guide(
+                    decoder,
+                    model,
+                    prompt,
+                    energy=CausalEnergy(energy_model.eval(), model.config.mask_token_id),
+                    generator=gen,
+                )
+            except (GuideError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
+        else:
+            out = decoder(model, prompt, generator=gen)
         samples = []
         for row in out.generated.tolist():
             samples.append(row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
         texts = tok.batch_decode(samples, skip_special_tokens=True)
         gppl = generative_perplexity(judge, judge_tok, texts, args.batch_size)
         entropy = unigram_entropy(samples)
+        edlm = (
+            f" + {float(out.energy_nfe.double().mean()):.0f} energy evaluations, EDLM k={args.candidates} "
+            f"energy {energy_where}"
+            if energy_where
+            else ""
+        )
         print(
             f"dlm ppl | {args.num_samples} samples of {args.gen_length} tokens ({args.decoder}, temperature "
-            f"{args.temperature}) | generative perplexity under {judge_where}: {gppl:.3f} | "
-            f"unigram entropy: {entropy:.3f} nats"
+            f"{args.temperature}, NFE {float(getattr(out, 'decode_nfe', out.nfe).double().mean()):.1f}{edlm}) | generative perplexity under "
+            f"{judge_where}: {gppl:.3f} | unigram entropy: {entropy:.3f} nats"
         )
         record["generative"] = {
             "judge": judge_where,
@@ -87,6 +113,15 @@ def main(args) -> int:
             "gen_length": args.gen_length,
             "generative_perplexity": gppl,
             "unigram_entropy": entropy,
+            "nfe": float(getattr(out, "decode_nfe", out.nfe).double().mean()),
+            "edlm": None
+            if energy_where is None
+            else {
+                "energy": energy_where,
+                "candidates": args.candidates,
+                "steps": args.energy_steps,
+                "energy_nfe": float(out.energy_nfe.double().mean()),
+            },
         }
     if args.output:
         path = Path(args.output).expanduser()

@@ -223,7 +223,12 @@ def test_dlm_ppl_on_data_and_generative_with_a_judge(trained, trained_ar, tmp_pa
     printed = capsys.readouterr().out
     assert "generative perplexity under" in printed and "unigram entropy" in printed
     g = json.loads(out.read_text())["generative"]
-    assert g["generative_perplexity"] > 1 and g["unigram_entropy"] >= 0
+    assert g["generative_perplexity"] > 1 and g["unigram_entropy"] >= 0 and g["edlm"] is None
+    edlm = ["--energy", ar_dir, "--candidates", "4", "--steps", "2", "--decoder", "ancestral"]
+    assert cli_main(["ppl", trained, *gen, *edlm]) == 0
+    assert "energy evaluations, EDLM k=4" in capsys.readouterr().out
+    g = json.loads(out.read_text())["generative"]
+    assert g["edlm"]["candidates"] == 4 and g["edlm"]["energy_nfe"] == 8  # 4 candidates x 2 parallel steps
     assert cli_main(["ppl", trained]) == 2
     assert "give --data" in capsys.readouterr().err
 

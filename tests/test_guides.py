@@ -376,3 +376,104 @@ def test_a_reward_of_the_wrong_shape_or_not_finite_is_named(reward, match):
 def test_a_text_reward_needs_its_tokenizer():
     with pytest.raises(GuideError, match=r"as_reward\('answer_tags', tokenizer, prompts"):
         run(build_guide("smc", particles=2), n=2, reward="answer_tags")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("guided"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--guide", "best_of_n", "--particles", "3"],
+        ["--guide", "smc", "--particles", "3", "--alpha", "0.5"],
+        ["--guide", "svdd", "--candidates", "3"],
+        ["--guide", "dts", "--rollouts", "4", "--dts-mode", "search"],
+    ],
+)
+def test_generate_with_a_guide_prints_each_sample_with_its_reward_and_nfe(trained, capsys, extra):
+    from dlm.cli import main as cli_main
+
+    argv = ["generate", trained, "--prompt", "the model", "--prompt", "def", "--gen-length", "8", "--block-length", "4"]
+    assert cli_main([*argv, "--reward", "tests_rewards:variety", *extra]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== 'the model' (") == 1 and out.count("=== 'def' (") == 1
+    assert "reward " in out and "NFE " in out
+
+
+def test_generate_with_edlm_uses_a_causal_energy_model_with_the_same_tokenizer(trained, tmp_path, capsys):
+    from conftest import train_tiny
+    from dlm.cli import main as cli_main
+
+    ar = train_tiny(tmp_path, objective="ar")  # same corpus and tokenizer recipe: the same vocabulary
+    argv = ["generate", trained, "--prompt", "the model", "--gen-length", "8", "--steps", "2"]
+    assert cli_main([*argv, "--guide", "edlm", "--energy", ar, "--candidates", "4"]) == 0
+    assert "(edlm: reward nan, NFE " in capsys.readouterr().out
+
+
+def test_guide_options_are_checked(trained, tmp_path, capsys):
+    from dlm.cli import main as cli_main
+
+    base = ["generate", trained, "--gen-length", "8"]
+    assert cli_main([*base, "--guide", "smc"]) == 2
+    assert "--guide smc needs --reward NAME" in capsys.readouterr().err
+    assert cli_main([*base, "--guide", "smc", "--reward", "answer_tags", "--rollouts", "4"]) == 2
+    assert "--rollouts does not apply to --guide smc" in capsys.readouterr().err
+    assert cli_main([*base, "--guide", "smc", "--reward", "nosuch"]) == 2
+    assert "unknown reward 'nosuch'" in capsys.readouterr().err
+    assert cli_main([*base, "--guide", "smc", "--reward", "answer_tags", "--particles", "0"]) == 2
+    assert "particles=0 must be >= 1" in capsys.readouterr().err
+    assert cli_main([*base, "--guide", "edlm"]) == 2
+    assert "--guide edlm needs --energy CHECKPOINT" in capsys.readouterr().err
+    assert cli_main([*base, "--guide", "smc", "--reward", "tests_rewards:short"]) == 2
+    assert "returned 1 values for" in capsys.readouterr().err
+
+
+def test_an_energy_model_with_another_tokenizer_is_refused(trained, tmp_path, capsys):
+    from conftest import train_tiny
+    from dlm.cli import main as cli_main
+
+    other = train_tiny(tmp_path, tokenizer={"vocab_size": 280})  # another BPE: other ids
+    argv = ["generate", trained, "--gen-length", "8", "--guide", "edlm", "--energy", other]
+    assert cli_main(argv) == 2
+    assert "has another tokenizer: token" in capsys.readouterr().err
+
+
+def test_bench_guide_writes_a_reward_against_nfe_curve(tmp_path, capsys):
+    import json
+
+    from conftest import train_tiny
+    from dlm.cli import main as cli_main
+
+    run_dir = train_tiny(
+        tmp_path,
+        objective="sft",
+        data={
+            "dataset": "task:repeat",
+            "format": "chat",
+            "task_args": {"period": 4, "repeats": 2},
+            "max_documents": 64,
+            "seq_len": 16,
+            "val_fraction": 0.1,
+        },
+    )
+    out, png = tmp_path / "guide.json", tmp_path / "guide.png"
+    argv = ["bench", "guide", "--checkpoint", run_dir, "--task", "repeat", "--task-args", "period=4,repeats=2"]
+    argv += ["--prompts", "3", "--budgets", "1,2", "--seeds", "0,1", "--gen-length", "8", "--methods", "smc,svdd,dts"]
+    argv += ["--reference", run_dir, "--json", str(out), "--plot", str(png)]
+    assert cli_main(argv) == 0
+    record = json.loads(out.read_text())
+    methods = {(a["method"], a["budget"]) for a in record["summary"]}
+    assert methods == {(m, b) for m in ("best_of_n", "smc", "svdd", "dts") for b in (1, 2)}
+    assert len(record["rows"]) == 4 * 2 * 2 and all(0 <= r["reward"] <= 1 for r in record["rows"])
+    bon = {a["budget"]: a for a in record["summary"] if a["method"] == "best_of_n"}
+    assert bon[2]["nfe"] == pytest.approx(2 * bon[1]["nfe"])  # N samples cost N decodings
+    assert bon[1]["best_of_n_at_equal_nfe"] == pytest.approx(bon[1]["reward"])
+    assert record["reference"]["reward"] == pytest.approx(bon[1]["reward"])  # same model, same seeds
+    assert png.stat().st_size > 1000 and "best_of_n" in capsys.readouterr().out

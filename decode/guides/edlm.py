@@ -70,6 +70,8 @@ class CausalEnergy(Energy):
         out = []
         for start in range(0, canvas_NT.shape[0], self.batch_size):
             x = canvas_NT[start : start + self.batch_size]
+            # masked positions lie after the scored prefix, so a causal model never reads them: any id will do
+            x = x.masked_fill(x == self.mask_id, 0)
             pad = None if pad_NT is None else pad_NT[start : start + self.batch_size]
             kwargs = {"attn_mode": "causal"} if self.dlm else {}
             if pad is not None:
@@ -80,9 +82,24 @@ class CausalEnergy(Energy):
             logits = (logits.logits if hasattr(logits, "logits") else logits).float()
             logp = torch.log_softmax(next_token_logits(logits, is_shifted(self.model)), dim=-1)
             logp = logp.gather(-1, x[:, 1:, None]).squeeze(-1).double()  # [n, T-1]: token t given its prefix
-            decoded = (x[:, prompt_length:] != self.mask_id).long().cumprod(dim=1).bool()  # before the first mask
+            decoded = (canvas_NT[start : start + self.batch_size, prompt_length:] != self.mask_id).long().cumprod(dim=1)
+            decoded = decoded.bool()  # generation positions before the first mask
             out.append((logp[:, prompt_length - 1 :] * decoded).sum(dim=1))
         return torch.cat(out)
+
+
+def check_same_vocabulary(tokenizer, energy_tokenizer, where: str) -> None:
+    """EDLM scores the decoder's token ids with the energy model: every token of the decoding
+    tokenizer (its mask token aside) must have the same id in the energy model's tokenizer."""
+    mine, theirs = tokenizer.get_vocab(), energy_tokenizer.get_vocab()
+    for token, i in sorted(mine.items(), key=lambda kv: kv[1]):
+        if token != tokenizer.mask_token and theirs.get(token) != i:
+            got = "is missing" if token not in theirs else f"has id {theirs[token]}"
+            raise GuideError(
+                f"the energy model at {where} has another tokenizer: token {token!r} is id {i} for the decoding "
+                f"model but {got} there. EDLM scores token ids, so use an energy model trained with the same "
+                "tokenizer (e.g. the AR baseline of the same recipe)"
+            )
 
 
 def as_energy(energy, mask_id: int) -> Energy:

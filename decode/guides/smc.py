@@ -67,6 +67,8 @@ class SMC:
         seen = dec.x.clone()
         resamples = 0
         while dec.advance():
+            if K == 1:
+                continue  # one particle: nothing to weigh or resample, so no value is needed
             changed = (dec.x != seen).any(dim=1).nonzero().squeeze(1)
             seen = dec.x.clone()
             new = v.clone()

@@ -54,6 +54,8 @@ class SVDD:
         seen = dec.x.clone()
         groups = torch.arange(B * K, device=device)
         while dec.advance():
+            if M == 1:
+                continue  # one candidate: nothing to choose, so no value is needed
             changed = (dec.x != seen).any(dim=1).nonzero().squeeze(1)
             v[changed] = values(dec, changed)
             kept = self.select(v.view(B * K, M), generator).to(device)
