@@ -551,6 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ConvertError, DataError, TokenizerError, FileNotFoundError) as exc:
         print(f"dlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a run that stopped in a known state says so in one line
+        from dlm.train.loop import TrainingDivergedError, TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            print(f"dlm {args.command}: {exc}", file=sys.stderr)
+            return 130
+        if isinstance(exc, TrainingDivergedError):
+            print(f"dlm {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

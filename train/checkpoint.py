@@ -2,10 +2,12 @@
 
 A checkpoint directory ``checkpoint-<step>`` holds the HF-format model (safetensors) and
 tokenizer, ``optimizer.pt``, ``scheduler.pt``, ``ema.safetensors`` (when EMA is on),
-``rng_<rank>.pt`` per process, and ``trainer_state.json``. It is written into a hidden
-temporary directory and renamed into place only when complete, so a crash mid-save never
-leaves a half-written checkpoint that resume would pick up; older checkpoints are pruned
-only after the new one is in place.
+``rng_<rank>.pt`` per process (Python, NumPy, torch and, where present, CUDA generators), and
+``trainer_state.json`` (step, data position and the recipe identity the run was started with). It
+is written into a hidden temporary directory and renamed into place only when complete, so a crash
+mid-save never leaves a half-written checkpoint that resume would pick up; older checkpoints are
+pruned only after the new one is in place. Everything is loaded with ``weights_only=True``: a file
+planted in a run directory cannot execute code on resume.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from dlm.config import ConfigError
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
@@ -40,13 +44,33 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types ``torch.load(weights_only=True)`` reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def expected_files(ema: bool, lora: bool = False) -> list[str]:
+    """Files a complete checkpoint holds (beyond the tokenizer and per-rank RNG states)."""
+    weights = ADAPTER if lora else "model.safetensors"
+    return [STATE, "config.json" if not lora else "adapter_config.json", weights, "optimizer.pt", "scheduler.pt"] + (
+        ["ema.safetensors"] if ema else []
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,6 +126,20 @@ def save_checkpoint(
     return final
 
 
+def safe_load(path: Path) -> Any:
+    """``torch.load`` of tensors and plain containers only: a pickle that would run code is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"{path} holds objects other than tensors, which dlm never writes; loading it was refused and nothing "
+            f"in it ran ({first}). Delete that checkpoint or resume from another one"
+        ) from None
+
+
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -> dict[str, Any]:
     """Restore everything ``save_checkpoint`` wrote; returns the trainer state."""
     state_path = path / STATE
@@ -111,15 +149,15 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -
             f"pick one of {[p.name for p in list_checkpoints(path.parent)]}"
         )
     _load_weights(accelerator.unwrap_model(model), path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    optimizer.load_state_dict(safe_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
     if ema is not None:
         if not (path / "ema.safetensors").is_file():
             raise ValueError(f"checkpoint {path} was written without EMA; resume with train.ema_decay=0")
         ema.load_state_dict(load_file(path / "ema.safetensors"))
     rng_path = path / f"rng_{accelerator.process_index}.pt"
     if rng_path.is_file():
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(safe_load(rng_path))
     with open(state_path) as fh:
         return json.load(fh)
 

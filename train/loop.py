@@ -31,10 +31,11 @@ from transformers import AutoTokenizer
 from dlm.config import ConfigError, to_dict
 from dlm.data import build_data
 from dlm.model.build import build_model, init_checkpoint
-from dlm.train.checkpoint import export_final, list_checkpoints, load_checkpoint, save_checkpoint
+from dlm.train.checkpoint import expected_files, export_final, list_checkpoints, load_checkpoint, save_checkpoint
 from dlm.train.config import RecipeConfig
 from dlm.train.ema import EMA
 from dlm.train.objectives import Objective, build_objective
+from dlm.train.rundir import RunLock, checkpoint_problem, identity, identity_changes, set_aside
 
 log = logging.getLogger("dlm.train")
 
@@ -77,9 +78,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+def resolve_resume(resume: str, output_dir: Path, expected: list[str] | None = None, report=log.warning) -> Path | None:
+    """The checkpoint to resume from. With ``expected`` (the main process), each candidate's files
+    are checked first: a newest checkpoint that cannot be loaded is reported, set aside as
+    ``broken-checkpoint-<step>`` and the previous complete one is used."""
     existing = list_checkpoints(output_dir)
     if resume == "auto":
+        while existing and expected is not None:
+            problem = checkpoint_problem(existing[-1], expected)
+            if problem is None:
+                break
+            moved = set_aside(existing.pop())
+            report(f"{moved.name.removeprefix('broken-')} cannot be resumed from ({problem}); kept as {moved.name}")
         return existing[-1] if existing else None
     if resume == "never":
         if existing:
@@ -93,7 +103,83 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
         raise ConfigError(
             f"train.resume={resume!r}: no such checkpoint directory; use auto, never, or a checkpoint-<step> directory"
         )
+    problem = checkpoint_problem(path, expected) if expected is not None else None
+    if problem is not None:
+        raise ConfigError(f"train.resume={resume!r} cannot be resumed from: {problem}")
     return path
+
+
+def check_resumable(state: dict, cfg: RecipeConfig, world: int, where: Path) -> None:
+    """Refuse a checkpoint of another recipe, or one already past ``train.max_steps``."""
+    recorded = state.get("identity")
+    if recorded is not None:
+        changes = identity_changes(recorded, identity(cfg, world))
+        if changes:
+            raise ConfigError(
+                f"train.output_dir={str(where.parent)!r} holds a run of another recipe ({where.name}): "
+                + "; ".join(changes)
+                + ". Choose another train.output_dir for this recipe (nothing was changed), or continue that run "
+                "with the recipe that made it"
+            )
+    if state["step"] > cfg.train.max_steps:
+        raise ConfigError(
+            f"{where} is at step {state['step']}, past train.max_steps={cfg.train.max_steps}; raise "
+            "train.max_steps to continue it, or choose another train.output_dir (nothing was changed)"
+        )
+
+
+def apply_optim_settings(optimizer, scheduler, cfg) -> list[str]:
+    """A resumed run trains with the recipe's optimizer settings, not the checkpoint's: returns what changed."""
+    notes = []
+    old_lr = scheduler.base_lrs[0]
+    if old_lr != cfg.lr:
+        notes.append(f"optim.lr {old_lr:g} -> {cfg.lr:g}")
+    scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for i, group in enumerate(optimizer.param_groups):
+        wd = cfg.weight_decay if i == 0 else 0.0  # param_groups(): matrices first, then norms and biases
+        for key, value in (("betas", tuple(cfg.betas)), ("eps", cfg.eps), ("weight_decay", wd)):
+            current = tuple(group[key]) if key == "betas" else group[key]
+            if current != value and i == 0:
+                notes.append(f"optim.{key} {current} -> {value}")
+            group[key] = value
+        group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
+    return notes
+
+
+class StopRequest:
+    """Ctrl-C during training asks to stop at the end of the current step (a second Ctrl-C stops at
+    once). Installed only in the main thread; elsewhere it never fires."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.requested:  # the second Ctrl-C: do not wait for the step
+            signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: training stopped at a step boundary; the message says what was saved."""
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -169,10 +255,34 @@ def main(cfg: RecipeConfig) -> TrainResult:
     )
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    resume_from = resolve_resume(cfg.train.resume, out)
+    lock = RunLock(out) if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()  # one run per output_dir; also fails at once on a read-only directory
+    try:
+        return _train(cfg, accelerator, out, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) -> TrainResult:
+    expected = expected_files(cfg.train.ema_decay > 0)
+    resume_from = resolve_resume(cfg.train.resume, out, expected if accelerator.is_main_process else None)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process and cfg.train.resume == "auto":
+        resume_from = resolve_resume(cfg.train.resume, out)  # what the main process kept
+    world = accelerator.num_processes
+    if resume_from is not None:
+        resumed_state = json.loads((resume_from / "trainer_state.json").read_text())
+        check_resumable(resumed_state, cfg, world, resume_from)
+        if resumed_state["step"] == cfg.train.max_steps:
+            accelerator.print(
+                f"dlm train | {out} is already trained to step {resumed_state['step']} = train.max_steps "
+                f"(model: {out / 'final'}); raise train.max_steps to continue it"
+            )
+            bound = "perplexity" if resumed_state.get("objective") == "ar" else "nelbo"
+            return TrainResult(out, resumed_state["step"], resumed_state.get("val_ppl"), bound, None, time.time() - t0)
     set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
 
     # --- data and tokenizer: the main process trains/loads the tokenizer, the others reuse it
     tok_dir = out / "tokenizer"
@@ -231,9 +341,13 @@ def main(cfg: RecipeConfig) -> TrainResult:
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler, ema)
         start_step, last_good = state["step"], resume_from
+        changed = apply_optim_settings(optimizer, scheduler, cfg.optim)
         if accelerator.is_main_process:
             trim_log(log_path, start_step)
-        log.info("resumed from %s at step %d", resume_from, start_step)
+        accelerator.print(
+            f"dlm train | resumed from {resume_from} at step {start_step}"
+            + (f" ({', '.join(changed)})" if changed else "")
+        )
     elif accelerator.is_main_process and log_path.exists():
         log_path.unlink()
 
@@ -257,7 +371,13 @@ def main(cfg: RecipeConfig) -> TrainResult:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def state_dict() -> dict:
-        return {"objective": objective.name, "seed": cfg.seed, "global_batch": global_batch, "data_position": step + 1}
+        return {
+            "objective": objective.name,
+            "seed": cfg.seed,
+            "global_batch": global_batch,
+            "data_position": step + 1,
+            "identity": identity(cfg, world),
+        }
 
     def validate(step_no: int) -> float:
         ctx = ema.swapped_in(accelerator.unwrap_model(model)) if ema is not None else nullcontext()
@@ -278,83 +398,97 @@ def main(cfg: RecipeConfig) -> TrainResult:
     )
     tick, last_logged = time.time(), start_step
     step = start_step
-    for step in range(start_step, cfg.train.max_steps):
-        gen = step_generator(cfg.seed, step)
-        batch_global = data.train.global_batch(step, global_batch)
-        noise_global = objective.sample_noise((global_batch, seq_len), gen)
-        step_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        step_count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        for a in range(accum):
-            rows = rank_rows(micro, a, world, accelerator.process_index)
-            batch = {k: v[rows].to(accelerator.device) for k, v in batch_global.items()}
-            noise = {k: v[rows] for k, v in noise_global.items()}
-            sync = accelerator.no_sync(model) if a < accum - 1 else nullcontext()
-            with sync, accelerator.autocast():
-                res = objective.loss(model, batch, noise)
-                accelerator.backward(res.total / res.count / accum)
-            step_total += res.total.detach().double()
-            step_count += res.count.detach().double()
-        step_total = accelerator.reduce(step_total, "sum")
-        step_count = accelerator.reduce(step_count, "sum")
-        loss = (step_total / step_count).item()
-        grad_norm = (
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if cfg.optim.grad_clip > 0
-            else torch.tensor(0.0)
-        )
-        if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
-            bar.close()
-            accelerator.end_training()
-            what = "loss" if not math.isfinite(loss) else "gradient norm"
-            keep = (
-                f"the last good checkpoint is {last_good} (step {int(str(last_good).rsplit('-', 1)[-1])})"
-                if last_good
-                else "no checkpoint had been written yet"
+    with StopRequest() as stop:
+        for step in range(start_step, cfg.train.max_steps):
+            gen = step_generator(cfg.seed, step)
+            batch_global = data.train.global_batch(step, global_batch)
+            noise_global = objective.sample_noise((global_batch, seq_len), gen)
+            step_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+            step_count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+            for a in range(accum):
+                rows = rank_rows(micro, a, world, accelerator.process_index)
+                batch = {k: v[rows].to(accelerator.device) for k, v in batch_global.items()}
+                noise = {k: v[rows] for k, v in noise_global.items()}
+                sync = accelerator.no_sync(model) if a < accum - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    res = objective.loss(model, batch, noise)
+                    accelerator.backward(res.total / res.count / accum)
+                step_total += res.total.detach().double()
+                step_count += res.count.detach().double()
+            step_total = accelerator.reduce(step_total, "sum")
+            step_count = accelerator.reduce(step_count, "sum")
+            loss = (step_total / step_count).item()
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if cfg.optim.grad_clip > 0
+                else torch.tensor(0.0)
             )
-            raise TrainingDivergedError(
-                f"{what} became {loss if what == 'loss' else float(grad_norm)} at step {step + 1}; training stopped "
-                f"before applying that update, and {keep}. Lower optim.lr, raise optim.warmup_steps or use "
-                "train.mixed_precision=no, then resume (train.resume=auto)."
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
-        losses.append(loss)
-        done = step + 1
-        bar.update(1)
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            elapsed = max(time.time() - tick, 1e-9)
-            steps_run, last_logged = done - last_logged, done
-            window = losses[-steps_run:]  # the mean over the logging window makes a readable curve
-            write_log(
-                {
-                    "step": done,
-                    "loss": sum(window) / len(window),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": steps_run * global_batch * seq_len / elapsed,
-                }
-            )
-            bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            tick = time.time()
-        if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
-            val_ppl = validate(done)
-            bar.write(f"step {done}: validation {bound_label(objective.bound)} {val_ppl:.2f}")
-        if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
-            last_good = save_checkpoint(
-                accelerator,
-                out,
-                done,
-                model,
-                tok,
-                optimizer,
-                scheduler,
-                ema,
-                {**state_dict(), "val_ppl": val_ppl},
-                cfg.train.keep_checkpoints,
-            )
+            if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
+                bar.close()
+                accelerator.end_training()
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                keep = (
+                    f"the last good checkpoint is {last_good} (step {int(str(last_good).rsplit('-', 1)[-1])})"
+                    if last_good
+                    else "no checkpoint had been written yet"
+                )
+                raise TrainingDivergedError(
+                    f"{what} became {loss if what == 'loss' else float(grad_norm)} at step {step + 1}; training "
+                    f"stopped before applying that update, and {keep}. Lower optim.lr, raise optim.warmup_steps or use "
+                    "train.mixed_precision=no, then resume (train.resume=auto)."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model))
+            losses.append(loss)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                elapsed = max(time.time() - tick, 1e-9)
+                steps_run, last_logged = done - last_logged, done
+                window = losses[-steps_run:]  # the mean over the logging window makes a readable curve
+                write_log(
+                    {
+                        "step": done,
+                        "loss": sum(window) / len(window),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": steps_run * global_batch * seq_len / elapsed,
+                    }
+                )
+                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                tick = time.time()
+            if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
+                val_ppl = validate(done)
+                bar.write(f"step {done}: validation {bound_label(objective.bound)} {val_ppl:.2f}")
+            if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
+                last_good = save_checkpoint(
+                    accelerator,
+                    out,
+                    done,
+                    model,
+                    tok,
+                    optimizer,
+                    scheduler,
+                    ema,
+                    {**state_dict(), "val_ppl": val_ppl},
+                    cfg.train.keep_checkpoints,
+                )
+            if stop.requested or world > 1:  # every process stops at the same step
+                flag = torch.tensor(float(stop.requested), device=accelerator.device)
+                if float(accelerator.reduce(flag, "sum")) > 0:
+                    bar.close()
+                    if last_good is None or last_good.name != f"checkpoint-{done}":
+                        last_good = save_checkpoint(
+                            accelerator, out, done, model, tok, optimizer, scheduler, ema,
+                            {**state_dict(), "val_ppl": val_ppl}, cfg.train.keep_checkpoints,
+                        )  # fmt: skip
+                    accelerator.end_training()
+                    raise TrainingInterrupted(
+                        f"interrupted after step {done}: saved {last_good}; run the same command to continue"
+                    )
     bar.close()
     final_step = max(cfg.train.max_steps, start_step)
     if val_ppl is None:  # resumed at or past max_steps: nothing ran
