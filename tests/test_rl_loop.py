@@ -157,7 +157,7 @@ def test_lora_rl_trains_only_adapters_uses_the_base_as_reference_and_resumes(sft
     # resume from checkpoint-1 (an adapter checkpoint) and redo step 2: the same record
     (out / "final").rename(tmp_path / "first-final")
     assert main(lora_recipe())["history"][-1] == log[-1]
-    with pytest.raises(ValueError, match="holds a LoRA adapter but this run trains full weights"):
+    with pytest.raises(ConfigError, match="holds a run of another recipe .*lora.r: 4 → 0"):
         main(recipe(sft, out))
     with pytest.raises(ConfigError, match=r"lora.target_modules=\['qproj'\].*linear layers: .*'q_proj'"):
         main(

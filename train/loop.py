@@ -78,14 +78,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def resolve_resume(resume: str, output_dir: Path, expected: list[str] | None = None, report=log.warning) -> Path | None:
-    """The checkpoint to resume from. With ``expected`` (the main process), each candidate's files
-    are checked first: a newest checkpoint that cannot be loaded is reported, set aside as
+def resolve_resume(
+    resume: str, output_dir: Path, expected: list[str] | None = None, check=None, report=log.warning
+) -> Path | None:
+    """The checkpoint to resume from. With ``expected`` (the main process), each candidate is first
+    offered to ``check(state, path)`` (which refuses another recipe's checkpoint), then its files are
+    checked: a newest checkpoint that cannot be loaded is reported, set aside as
     ``broken-checkpoint-<step>`` and the previous complete one is used."""
     existing = list_checkpoints(output_dir)
     if resume == "auto":
         while existing and expected is not None:
-            problem = checkpoint_problem(existing[-1], expected)
+            problem = _resume_problem(existing[-1], expected, check)
             if problem is None:
                 break
             moved = set_aside(existing.pop())
@@ -103,17 +106,27 @@ def resolve_resume(resume: str, output_dir: Path, expected: list[str] | None = N
         raise ConfigError(
             f"train.resume={resume!r}: no such checkpoint directory; use auto, never, or a checkpoint-<step> directory"
         )
-    problem = checkpoint_problem(path, expected) if expected is not None else None
+    problem = _resume_problem(path, expected, check) if expected is not None else None
     if problem is not None:
         raise ConfigError(f"train.resume={resume!r} cannot be resumed from: {problem}")
     return path
 
 
-def check_resumable(state: dict, cfg: RecipeConfig, world: int, where: Path) -> None:
+def _resume_problem(path: Path, expected: list[str], check) -> str | None:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json does not read ({exc})"
+    if check is not None:
+        check(state, path)  # another recipe's checkpoint is refused, not set aside
+    return checkpoint_problem(path, expected)
+
+
+def check_resumable(state: dict, cfg, global_batch: int, where: Path) -> None:
     """Refuse a checkpoint of another recipe, or one already past ``train.max_steps``."""
     recorded = state.get("identity")
     if recorded is not None:
-        changes = identity_changes(recorded, identity(cfg, world))
+        changes = identity_changes(recorded, identity(cfg, global_batch))
         if changes:
             raise ConfigError(
                 f"train.output_dir={str(where.parent)!r} holds a run of another recipe ({where.name}): "
@@ -266,15 +279,17 @@ def main(cfg: RecipeConfig) -> TrainResult:
 
 
 def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) -> TrainResult:
+    world = accelerator.num_processes
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     expected = expected_files(cfg.train.ema_decay > 0)
-    resume_from = resolve_resume(cfg.train.resume, out, expected if accelerator.is_main_process else None)
+    check = lambda state, path: check_resumable(state, cfg, global_batch, path)  # noqa: E731
+    resume_from = resolve_resume(cfg.train.resume, out, expected if accelerator.is_main_process else None, check)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process and cfg.train.resume == "auto":
         resume_from = resolve_resume(cfg.train.resume, out)  # what the main process kept
-    world = accelerator.num_processes
     if resume_from is not None:
         resumed_state = json.loads((resume_from / "trainer_state.json").read_text())
-        check_resumable(resumed_state, cfg, world, resume_from)
+        check_resumable(resumed_state, cfg, global_batch, resume_from)
         if resumed_state["step"] == cfg.train.max_steps:
             accelerator.print(
                 f"dlm train | {out} is already trained to step {resumed_state['step']} = train.max_steps "
@@ -376,7 +391,7 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
             "seed": cfg.seed,
             "global_batch": global_batch,
             "data_position": step + 1,
-            "identity": identity(cfg, world),
+            "identity": identity(cfg, global_batch),
         }
 
     def validate(step_no: int) -> float:

@@ -47,6 +47,12 @@ MUTABLE = (
     "sample.",
     "model.gradient_checkpointing",
     "model.attn_backend",
+    # RL: evaluation, logging and batching of the row forwards
+    "rl.eval_every",
+    "rl.eval_prompts",
+    "rl.save_rollouts_every",
+    "rl.row_batch_size",
+    "rl.gradient_checkpointing",
 )
 
 
@@ -61,10 +67,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity(cfg, world_size: int = 1) -> dict[str, Any]:
-    """The recipe keys that define a run (dotted), plus the global batch it trains with."""
+def identity(cfg, global_batch: int) -> dict[str, Any]:
+    """The recipe keys that define a run (dotted), plus the global batch it trains with (the
+    batches and noise of step s are functions of the seed, s and the global batch)."""
     keys = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(MUTABLE)}
-    keys["global_batch"] = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    keys["global_batch"] = global_batch
     return json.loads(json.dumps(keys, default=str))  # as it reads back from JSON
 
 

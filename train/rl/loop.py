@@ -40,12 +40,13 @@ from dlm.data import encode_prompts
 from dlm.decode import build_decoder
 from dlm.decode.blocks import block_causal_size
 from dlm.tasks import generate
-from dlm.train.checkpoint import export_final, load_checkpoint, save_checkpoint
+from dlm.train.checkpoint import expected_files, export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
-from dlm.train.loop import param_groups, resolve_resume, trim_log, warmup_cosine
+from dlm.train.loop import check_resumable, param_groups, resolve_resume, trim_log, warmup_cosine
 from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, concat_rows, token_logprobs
 from dlm.train.rl.loss import NORMS, group_advantages, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, resolve
+from dlm.train.rundir import RunLock, identity
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,27 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.seed)
-    resume_from = resolve_resume(cfg.train.resume, out)
+    lock = RunLock(out) if acc.is_main_process else None
+    if lock is not None:
+        lock.acquire()  # one run per output_dir
+    try:
+        return _run(cfg, acc, out, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any]:
+    expected = expected_files(False, lora=cfg.lora.enabled)
+    global_batch = cfg.rl.prompts_per_step * cfg.rl.group_size * acc.num_processes
+    check = lambda state, path: check_resumable(state, cfg, global_batch, path)  # noqa: E731
+    resume_from = resolve_resume(cfg.train.resume, out, expected if acc.is_main_process else None, check)
+    acc.wait_for_everyone()
+    if not acc.is_main_process and cfg.train.resume == "auto":
+        resume_from = resolve_resume(cfg.train.resume, out)  # what the main process kept
+    if resume_from is not None:
+        resumed = json.loads((resume_from / "trainer_state.json").read_text())
+        check_resumable(resumed, cfg, global_batch, resume_from)
     from dlm.loading import load as load_model
 
     load = {"dtype": getattr(torch, cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
@@ -441,7 +462,10 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
         write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
-            save_checkpoint(acc, out, step + 1, model, tok, optimizer, scheduler, None, {}, cfg.train.keep_checkpoints)
+            state = {"identity": identity(cfg, global_batch)}
+            save_checkpoint(
+                acc, out, step + 1, model, tok, optimizer, scheduler, None, state, cfg.train.keep_checkpoints
+            )
     acc.wait_for_everyone()
     final = None
     if acc.is_main_process:
