@@ -82,3 +82,35 @@ def test_loading_a_state_names_the_first_missing_parameter_and_ignores_extra_one
         partial = {k: v for k, v in state.items() if k not in dropped}
         with pytest.raises(ValueError, match=f"lacks {len(dropped)} parameters, e.g. {sorted(dropped)[0]}$"):
             ema.load_state_dict(partial)
+
+
+def test_the_shadow_follows_a_model_moved_after_the_ema_was_built():
+    """accelerate.prepare moves the model after the loop could build the EMA: the shadow must
+    follow (on a GPU run the first update would otherwise mix devices). On CPU the other device
+    is meta."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.9)
+    model.to("meta")
+    ema.update(model)
+    assert {t.device.type for t in ema.shadow.values()} == {"meta"}
+    assert all(t.dtype == torch.float32 for t in ema.shadow.values())
+
+
+def test_sharded_parameters_keep_an_fp32_shadow_of_their_local_shard():
+    """A parameter that holds only a local shard (a DTensor under FSDP2) is tracked by its shard."""
+
+    class Shard(torch.nn.Parameter):
+        def to_local(self):
+            return self.data[:1]  # this process holds row 0
+
+    model = torch.nn.Linear(2, 2, bias=False)
+    model.weight = Shard(torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16))
+    ema = EMA(model, 0.5)
+    assert ema.shadow["weight"].shape == (1, 2) and ema.shadow["weight"].dtype == torch.float32
+    with torch.no_grad():
+        model.weight.data[0] = torch.tensor([3.0, 4.0])
+    ema.update(model)
+    assert ema.shadow["weight"].tolist() == [[2.0, 3.0]]
+    with ema.swapped_in(model):
+        assert model.weight.data.tolist() == [[2.0, 3.0], [3.0, 4.0]]  # only the local shard is swapped
+    assert model.weight.data.tolist() == [[3.0, 4.0], [3.0, 4.0]]

@@ -4,6 +4,7 @@ known state, and resumed runs continue exactly."""
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -208,4 +209,45 @@ def test_command_line_faults_end_in_one_line(tmp_path, capsys):
     assert cli_main(["train", str(path)]) == 1
     err = capsys.readouterr().err  # progress bars, then the one-line error: no traceback
     last = err.strip().splitlines()[-1]
-    assert last.startswith("dlm train: error: loss became") and "Traceback" not in err
+    assert last.startswith("dlm train: error: ") and " became " in last and "Traceback" not in err
+
+
+class FakeAccelerator:
+    def __init__(self, norm: float, scaler: bool):
+        self.norm, self.scaler, self.optimizer_step_was_skipped = norm, object() if scaler else None, False
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.tensor(self.norm)
+
+
+class Counter:
+    def __init__(self, accelerator=None):
+        self.accelerator, self.steps, self.zeroed = accelerator, 0, 0
+
+    def step(self):
+        self.steps += 1
+        if self.accelerator is not None and self.accelerator.scaler is not None:
+            self.accelerator.optimizer_step_was_skipped = not math.isfinite(self.accelerator.norm)
+
+    def zero_grad(self, set_to_none=True):
+        self.zeroed += 1
+
+
+@pytest.mark.parametrize(
+    "loss, norm, scaler, outcome, opt_steps, sched_steps",
+    [
+        (1.0, 2.0, False, "applied", 1, 1),
+        (1.0, 2.0, True, "applied", 1, 1),
+        (1.0, float("inf"), True, "overflow", 1, 0),  # fp16: the scaler skips the update, no divergence
+        (1.0, float("inf"), False, "gradient norm", 0, 0),  # fp32/bf16: nothing applied, stop
+        (float("nan"), 2.0, True, "loss", 0, 0),
+    ],
+)
+def test_an_update_is_applied_skipped_as_an_fp16_overflow_or_refused(
+    loss, norm, scaler, outcome, opt_steps, sched_steps
+):
+    acc = FakeAccelerator(norm, scaler)
+    opt, sched = Counter(acc), Counter()
+    got, grad_norm = loop.apply_update(acc, torch.nn.Linear(2, 2), opt, sched, loss, 1.0)
+    assert got == outcome and (opt.steps, sched.steps, opt.zeroed) == (opt_steps, sched_steps, 1)
+    assert grad_norm == norm or (math.isnan(grad_norm) and math.isnan(norm))

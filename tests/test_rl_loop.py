@@ -417,3 +417,30 @@ def test_the_rl_loop_passes_norm_and_row_batch_size_and_row_batches_do_not_chang
     assert any(not torch.equal(finals[0][k], initial[k]) for k in initial)
     for k in initial:
         torch.testing.assert_close(finals[0][k], finals[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_held_out_reward_is_measured_in_eval_mode(sft, tmp_path, monkeypatch):
+    """LoRA dropout (or any dropout) must not reach the reported reward: every held-out decode runs
+    with the model in eval mode, and training resumes in train mode afterwards."""
+    from dlm.train.rl import loop as rl_loop
+
+    modes = []
+    real = rl_loop.make_decoder
+
+    def spying(settings, greedy=False):
+        decoder = real(settings, greedy)
+        if not greedy:
+            return decoder
+
+        def call(model, *args, **kwargs):
+            modes.append(model.training)
+            return decoder(model, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(rl_loop, "make_decoder", spying)
+    cfg = recipe(sft, tmp_path / "rl")
+    data = to_dict(varied(cfg))
+    data["lora"] = {"r": 2, "dropout": 0.5, "target_modules": ["q_proj"]}
+    main(from_dict(RLRecipe, data))
+    assert modes and not any(modes), modes

@@ -1,4 +1,10 @@
-"""Exponential moving average of the weights (MDLM uses decay 0.9999 for pretraining)."""
+"""Exponential moving average of the weights (MDLM uses decay 0.9999 for pretraining).
+
+The shadow is fp32 and lives beside each parameter: on its device, and under FSDP2 beside the local
+shard of a sharded parameter (a DTensor), so every process keeps the EMA of the weights it holds
+and nothing is gathered. A model moved after the EMA was built (``accelerator.prepare``,
+``.to(device)``) takes its shadow with it at the next update.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,27 @@ import torch
 from torch import Tensor, nn
 
 
+def local(param: Tensor) -> Tensor:
+    """The part of a parameter this process holds: a DTensor's local shard, else the tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow: dict[str, Tensor] = {
-            n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad
+            n: local(p).detach().float().clone() for n, p in model.named_parameters() if p.requires_grad
         }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for name, param in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+                value = local(param).detach()
+                shadow = self.shadow[name]
+                if shadow.device != value.device:  # the model moved since the EMA was built
+                    shadow = self.shadow[name] = shadow.to(value.device)
+                shadow.lerp_(value.float(), 1.0 - self.decay)
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
@@ -29,15 +44,16 @@ class EMA:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in self.shadow:
-                    backup[name] = param.detach().clone()
-                    param.copy_(self.shadow[name])
+                    target = local(param)
+                    backup[name] = target.detach().clone()
+                    target.copy_(self.shadow[name])
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if name in backup:
-                        param.copy_(backup[name])
+                        local(param).copy_(backup[name])
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)

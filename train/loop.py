@@ -195,6 +195,32 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C: training stopped at a step boundary; the message says what was saved."""
 
 
+def apply_update(accelerator, model, optimizer, scheduler, loss: float, grad_clip: float) -> tuple[str, float]:
+    """Clip, check and apply one optimizer update, before anything of a bad step reaches the weights.
+
+    Returns ``("applied", grad_norm)``; ``("overflow", inf)`` when an fp16 GradScaler found inf/NaN
+    gradients (it skips the update and lowers its scale: not divergence); ``("loss" | "gradient
+    norm", grad_norm)`` when that value is not finite and nothing was applied.
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = float("nan") if norm is None else float(norm)  # None: the engine (DeepSpeed) clips itself
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return "loss", grad_norm
+    if norm is not None and not math.isfinite(grad_norm):
+        if accelerator.scaler is None:
+            optimizer.zero_grad(set_to_none=True)
+            return "gradient norm", grad_norm
+        optimizer.step()  # the scaler sees the inf, skips the update and lowers its scale
+        optimizer.zero_grad(set_to_none=True)
+        return "overflow", grad_norm
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return "applied", grad_norm
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
@@ -348,8 +374,9 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     )
-    ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     model, optimizer = accelerator.prepare(model, optimizer)
+    # built after prepare: the shadow lives where the (possibly sharded) parameters now are
+    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
     start_step, last_good = 0, None
     log_path = out / "log.jsonl"
@@ -413,6 +440,7 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
     )
     tick, last_logged = time.time(), start_step
     step = start_step
+    overflows = 0  # fp16 steps whose update the GradScaler skipped
     with StopRequest() as stop:
         for step in range(start_step, cfg.train.max_steps):
             gen = step_generator(cfg.seed, step)
@@ -433,28 +461,21 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
             step_total = accelerator.reduce(step_total, "sum")
             step_count = accelerator.reduce(step_count, "sum")
             loss = (step_total / step_count).item()
-            grad_norm = (
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                if cfg.optim.grad_clip > 0
-                else torch.tensor(0.0)
-            )
-            if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
+            outcome, grad_norm = apply_update(accelerator, model, optimizer, scheduler, loss, cfg.optim.grad_clip)
+            if outcome != "applied" and outcome != "overflow":
                 bar.close()
                 accelerator.end_training()
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
                 keep = (
                     f"the last good checkpoint is {last_good} (step {int(str(last_good).rsplit('-', 1)[-1])})"
                     if last_good
                     else "no checkpoint had been written yet"
                 )
                 raise TrainingDivergedError(
-                    f"{what} became {loss if what == 'loss' else float(grad_norm)} at step {step + 1}; training "
+                    f"{outcome} became {loss if outcome == 'loss' else grad_norm} at step {step + 1}; training "
                     f"stopped before applying that update, and {keep}. Lower optim.lr, raise optim.warmup_steps or use "
                     "train.mixed_precision=no, then resume (train.resume=auto)."
                 )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            overflows += outcome == "overflow"
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model))
             losses.append(loss)
@@ -469,8 +490,9 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
                         "step": done,
                         "loss": sum(window) / len(window),
                         "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": grad_norm,
                         "tokens_per_s": steps_run * global_batch * seq_len / elapsed,
+                        **({"overflow_steps": overflows} if overflows else {}),
                     }
                 )
                 bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")

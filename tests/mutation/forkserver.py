@@ -22,6 +22,7 @@ lanes mutate their own files in parallel without touching the checkout.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -33,7 +34,6 @@ import socket
 import subprocess
 import sys
 import time
-import difflib
 from pathlib import Path
 
 #: import name -> folder of the repository it comes from (pyproject's package-dir)

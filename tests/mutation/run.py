@@ -48,9 +48,11 @@ MODULES: dict[str, str] = {
     "train/objectives/ar.py": "tests/test_objectives.py tests/test_bd3lm.py",
     "train/objectives/bd3lm.py": "tests/test_bd3lm.py",
     "decode/sampling.py": "tests/test_decode.py tests/test_decoders.py",
-    "decode/first_hitting.py": "tests/test_decoders.py",
-    "decode/confidence.py": "tests/test_decoders.py tests/test_generate_cli.py",
-    "decode/caches.py": "tests/test_cache.py",
+    "decode/first_hitting.py": "tests/test_decoders.py tests/test_guides.py::test_policies_carry_their_row_state_through_a_reindex",
+    "decode/confidence.py": "tests/test_decoders.py tests/test_generate_cli.py "
+    "tests/test_guides.py::test_policies_carry_their_row_state_through_a_reindex "
+    "tests/test_guides.py::test_reindexed_rows_continue_as_the_rows_they_copy",
+    "decode/caches.py": "tests/test_cache.py tests/test_guides.py::test_reindexed_rows_continue_as_the_rows_they_copy",
     "train/rl/estimators.py": "tests/test_rl.py",
     "train/rl/loss.py": "tests/test_rl.py tests/test_rl_loop.py::test_sequence_and_none_normalisation_divide_by_what_they_say",
     "train/ema.py": "tests/test_ema.py",

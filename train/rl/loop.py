@@ -172,6 +172,8 @@ def held_out_reward(model, tok, cfg: RLRecipe, device, settings: dict[str, Any])
     """Mean reward of greedy decoding (``settings`` = the rollout decoder's) on fixed prompts."""
     examples = generate(cfg.rl.task, cfg.rl.eval_prompts, seed=987_654, **cfg.rl.task_args)
     decoder = make_decoder(settings, greedy=True)
+    was_training = model.training
+    model.eval()  # no dropout (LoRA's) in what is reported
     total = []
     for start in range(0, len(examples), 16):
         chunk = examples[start : start + 16]
@@ -180,6 +182,7 @@ def held_out_reward(model, tok, cfg: RLRecipe, device, settings: dict[str, Any])
         texts, _ = completions_of(tok, out.generated)
         values, _ = combine(dict(cfg.rl.rewards), [e["prompt"] for e in chunk], texts, **fields_of(chunk))
         total.extend(values)
+    model.train(was_training)
     return sum(total) / len(total)
 
 
@@ -399,7 +402,7 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
                 make_rows(cfg, r, mask_id, block, step, rank * n, n, i)
                 for i in range(cfg.rl.inner_updates if fresh else 1)
             ]
-            with torch.no_grad():
+            with torch.no_grad(), acc.autocast():  # the reference under the policy's precision
                 olds = [token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size) for rows in draws]
                 refs = [
                     reference_logprobs(plain, ref, r, rows, mask_id, cfg) if cfg.rl.beta > 0 else None for rows in draws
@@ -408,7 +411,8 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
             for i in range(cfg.rl.inner_updates):
                 k = i if fresh else 0
                 # the unwrapped model runs every row batch; gradients are averaged across processes below
-                new = token_logprobs(plain, r, draws[k], mask_id, cfg.rl.row_batch_size)
+                with acc.autocast():
+                    new = token_logprobs(plain, r, draws[k], mask_id, cfg.rl.row_batch_size)
                 res = policy_loss(
                     new,
                     olds[k],
