@@ -297,13 +297,25 @@ def test_grad_accum_equals_the_unaccumulated_global_batch(tmp_path):
     same per-step loss and gradient norm (rel 1e-5: a mis-scaled accumulated gradient shows here even
     where AdamW's scale invariance would hide it in the weights) and final weights (atol 1e-5, rtol
     1e-4) — equal up to float32 summation order."""
-    runs = {}
-    for micro, accum in ((4, 2), (8, 1)):
-        train = {"micro_batch_size": micro, "grad_accum": accum, "max_steps": 4, "save_every": 4, "eval_every": 4}
-        cfg = tiny_recipe(
-            tmp_path, train={**train, "output_dir": str(tmp_path / f"accum{accum}")}, sample={"num_samples": 0}
-        )
-        runs[accum] = main(cfg)
+    runs, updates = {}, {}
+    real_adamw = torch.optim.AdamW
+
+    class CountingAdamW(real_adamw):  # counts the updates that reach the weights
+        def step(self, closure=None):
+            updates[accum] = updates.get(accum, 0) + 1
+            return super().step(closure)
+
+    torch.optim.AdamW = CountingAdamW
+    try:
+        for micro, accum in ((4, 2), (8, 1)):
+            train = {"micro_batch_size": micro, "grad_accum": accum, "max_steps": 4, "save_every": 4, "eval_every": 4}
+            cfg = tiny_recipe(
+                tmp_path, train={**train, "output_dir": str(tmp_path / f"accum{accum}")}, sample={"num_samples": 0}
+            )
+            runs[accum] = main(cfg)
+    finally:
+        torch.optim.AdamW = real_adamw
+    assert updates == {2: 4, 1: 4}  # one optimizer step per global batch, however it is accumulated
     a, b = tmp_path / "accum2", tmp_path / "accum1"
     for key in ("loss", "grad_norm"):
         la, lb = log_records(a, key), log_records(b, key)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -291,6 +291,10 @@ def main(cfg: RecipeConfig) -> TrainResult:
         cpu=cpu_ranks or None,
         log_with=_trackers(list(cfg.train.trackers)) or None,
         project_dir=str(out),
+        # accumulation through accelerate: gradients sync (and DeepSpeed steps) once per global batch
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False
+        ),
     )
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -452,10 +456,9 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
                 rows = rank_rows(micro, a, world, accelerator.process_index)
                 batch = {k: v[rows].to(accelerator.device) for k, v in batch_global.items()}
                 noise = {k: v[rows] for k, v in noise_global.items()}
-                sync = accelerator.no_sync(model) if a < accum - 1 else nullcontext()
-                with sync, accelerator.autocast():
+                with accelerator.accumulate(model), accelerator.autocast():
                     res = objective.loss(model, batch, noise)
-                    accelerator.backward(res.total / res.count / accum)
+                    accelerator.backward(res.total / res.count)  # accelerate divides by grad_accum
                 step_total += res.total.detach().double()
                 step_count += res.count.detach().double()
             step_total = accelerator.reduce(step_total, "sum")
