@@ -5,7 +5,8 @@
         --json guide.json --plot guide.png
 
 Every method decodes the same held-out task prompts with the same decoder; its budget is its
-size knob (best-of-N and SMC: particles; SVDD: candidates per step; DTS: rollouts). Each point is
+size knob (best-of-N and SMC: particles; SVDD: candidates per step; DTS: rollouts, run in rounds
+of a quarter of them so later rounds select on the values of earlier ones). Each point is
 the mean reward of the returned samples and the mean model evaluations per prompt (every
 particle's decoder calls, value estimates and energies), over prompts, then over seeds (± the
 standard deviation across seeds). Best-of-N at equal NFE (interpolated in log NFE between its own
@@ -45,8 +46,8 @@ def run_method(method, budget, decoder, model, ids, pad, reward, seed, extra: di
     from dlm.decode.guides import build_guide
 
     settings = {BUDGET_KEY[method]: budget, **extra.get(method, {})}
-    if method == "dts":
-        settings.setdefault("parallel", budget)
+    if method == "dts":  # rounds of a quarter of the rollouts: later rounds select on earlier values
+        settings.setdefault("parallel", max(1, budget // 4))
     guide = build_guide(method, **settings)
     start = time.perf_counter()
     out = guide(decoder, model, ids, reward=reward, attention_mask=pad, generator=torch.Generator().manual_seed(seed))
