@@ -109,16 +109,20 @@ def train_tiny(tmp_path: Path, **sections) -> str:
     return cfg.train.output_dir
 
 
-def run_script(script: str, *args: str, processes: int = 1) -> None:
+def run_script(script: str, *args: str, processes: int = 1, env: dict | None = None, check: bool = True):
     """Run ``tests/<script>`` with ``args``: plainly, or under torchrun with ``processes`` gloo ranks
-    (one thread each, the repository importable), failing the test if it fails."""
+    (one thread each, the repository importable, ``env`` added), failing the test if it fails
+    (unless ``check`` is False: then the completed process is returned)."""
     import os
     import subprocess
     import sys
 
     tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent), **(env or {})}
     launch = [sys.executable]
     if processes > 1:
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    subprocess.run([*launch, str(tests / script), *map(str, args)], check=True, env=env, timeout=600)
+    return subprocess.run(
+        [*launch, str(tests / script), *map(str, args)], check=check, env=env, timeout=600,
+        capture_output=not check, text=True,
+    )  # fmt: skip

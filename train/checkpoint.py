@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dlm.config import ConfigError
+from dlm.train.engine import is_sharded
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
@@ -65,8 +66,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def expected_files(ema: bool, lora: bool = False) -> list[str]:
-    """Files a complete checkpoint holds (beyond the tokenizer and per-rank RNG states)."""
+def expected_files(ema: bool, lora: bool = False, sharded: str | None = None, world: int = 1) -> list[str]:
+    """Files a complete checkpoint holds (beyond the tokenizer). ``sharded``: the engine of a
+    sharded run (``fsdp2``, ``deepspeed``), whose model and optimizer are accelerate states."""
+    if sharded is not None:
+        states = ["pytorch_model_fsdp_0", "optimizer_0"] if sharded.startswith("fsdp") else []
+        emas = [f"ema-{r}.safetensors" for r in range(world)] if ema else []
+        return [STATE, "scheduler.pt", *states, *[f"random_states_{r}.pkl" for r in range(world)], *emas]
     weights = ADAPTER if lora else "model.safetensors"
     return [STATE, "config.json" if not lora else "adapter_config.json", weights, "optimizer.pt", "scheduler.pt"] + (
         ["ema.safetensors"] if ema else []
@@ -102,6 +108,43 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    if is_sharded(accelerator):
+        _save_sharded(accelerator, tmp, model, tokenizer, scheduler, ema)
+    else:
+        _save_whole(accelerator, tmp, model, tokenizer, optimizer, scheduler, ema)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / STATE, "w") as fh:  # written last: its presence marks a complete checkpoint
+            json.dump({**state, "step": step}, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # every process finished writing before the rename
+        _fsync_dir(output_dir)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_sharded(accelerator, tmp: Path, model, tokenizer, scheduler, ema) -> None:
+    """FSDP / DeepSpeed: accelerate writes the sharded model and optimizer and every process's
+    generators; each process writes the EMA of its own shards."""
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if ema is not None:
+        save_file(
+            {k: v.contiguous() for k, v in ema.state_dict().items()},
+            tmp / f"ema-{accelerator.process_index}.safetensors",
+        )
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+
+
+def _save_whole(accelerator, tmp: Path, model, tokenizer, optimizer, scheduler, ema) -> None:
+    """One process or DDP: an HF model directory plus optimizer, scheduler, EMA and generators."""
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
@@ -110,20 +153,6 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-        with open(tmp / STATE, "w") as fh:  # written last: its presence marks a complete checkpoint
-            json.dump({**state, "step": step}, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(output_dir)
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def safe_load(path: Path) -> Any:
@@ -148,6 +177,13 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -
             f"{path} is not a complete dlm checkpoint (no {STATE}); "
             f"pick one of {[p.name for p in list_checkpoints(path.parent)]}"
         )
+    if is_sharded(accelerator):
+        accelerator.load_state(str(path))  # the sharded model and optimizer, every process's generators
+        scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
+        if ema is not None:
+            ema.load_state_dict(load_file(path / f"ema-{accelerator.process_index}.safetensors"))
+        with open(state_path) as fh:
+            return json.load(fh)
     _load_weights(accelerator.unwrap_model(model), path)
     optimizer.load_state_dict(safe_load(path / "optimizer.pt"))
     scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
@@ -193,14 +229,26 @@ def _load_weights(model, path: Path) -> None:
         )
 
 
-def export_final(path: Path, model, tokenizer, ema) -> Path:
-    """Write the model (with EMA weights when EMA is on) and tokenizer to ``path``, atomically."""
+def export_final(path: Path, model, tokenizer, ema, accelerator=None, max_shard_size: str = "2GB") -> Path | None:
+    """Write the model (with EMA weights when EMA is on) and tokenizer to ``path`` as an HF model
+    directory (safetensors, sharded above ``max_shard_size`` with an index), atomically.
+
+    With an ``accelerator`` every process must call it: under a sharded engine the full state dict
+    is gathered (collective) and the main process writes it. Returns the path on the main process.
+    """
     from contextlib import nullcontext
 
-    tmp = path.parent / f".tmp-{path.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with ema.swapped_in(model) if ema is not None else nullcontext():
-        model.save_pretrained(tmp, safe_serialization=True)
+    sharded = accelerator is not None and is_sharded(accelerator)
+    plain = accelerator.unwrap_model(model) if accelerator is not None else model
+    with ema.swapped_in(plain) if ema is not None else nullcontext():
+        state = accelerator.get_state_dict(model) if sharded else None  # every process takes part
+        if accelerator is not None and not accelerator.is_main_process:
+            return None
+        if state is not None and getattr(plain.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # gathered apart from the embedding it is tied to
+        tmp = path.parent / f".tmp-{path.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)

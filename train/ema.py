@@ -20,6 +20,18 @@ def local(param: Tensor) -> Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state (a root module keeps its parameters gathered
+    after a forward), so ``named_parameters()`` are the local shards the shadow mirrors."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -29,6 +41,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        reshard(model)
         for name, param in model.named_parameters():
             if name in self.shadow:
                 value = local(param).detach()
@@ -41,6 +54,7 @@ class EMA:
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """Temporarily load the EMA weights into ``model`` (for validation and export)."""
         backup = {}
+        reshard(model)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in self.shadow:
@@ -50,6 +64,7 @@ class EMA:
         try:
             yield
         finally:
+            reshard(model)
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if name in backup:

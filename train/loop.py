@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -34,6 +32,7 @@ from dlm.model.build import build_model, init_checkpoint
 from dlm.train.checkpoint import expected_files, export_final, list_checkpoints, load_checkpoint, save_checkpoint
 from dlm.train.config import RecipeConfig
 from dlm.train.ema import EMA
+from dlm.train.engine import engine_name, is_sharded, make_accelerator
 from dlm.train.objectives import Objective, build_objective
 from dlm.train.rundir import RunLock, checkpoint_problem, identity, identity_changes, set_aside
 
@@ -122,11 +121,12 @@ def _resume_problem(path: Path, expected: list[str], check) -> str | None:
     return checkpoint_problem(path, expected)
 
 
-def check_resumable(state: dict, cfg, global_batch: int, where: Path) -> None:
-    """Refuse a checkpoint of another recipe, or one already past ``train.max_steps``."""
+def check_resumable(state: dict, cfg, global_batch: int, where: Path, engine: str = "no") -> None:
+    """Refuse a checkpoint of another recipe (or another engine: the checkpoint formats differ), or
+    one already past ``train.max_steps``."""
     recorded = state.get("identity")
     if recorded is not None:
-        changes = identity_changes(recorded, identity(cfg, global_batch))
+        changes = identity_changes(recorded, identity(cfg, global_batch, engine))
         if changes:
             raise ConfigError(
                 f"train.output_dir={str(where.parent)!r} holds a run of another recipe ({where.name}): "
@@ -244,13 +244,20 @@ def evaluate(
     idx = torch.tensor(list(shard), dtype=torch.long)
     total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for start in range(0, len(idx), batch_size):
-        rows = idx[start : start + batch_size]
+    # every process runs the same number of forwards (a sharded engine's forward is collective):
+    # a process out of rows runs row 0 and discards it
+    per_process = math.ceil(n / accelerator.num_processes)
+    batches = math.ceil(per_process / batch_size)
+    for b in range(batches):
+        rows = idx[b * batch_size : (b + 1) * batch_size]
+        real = len(rows) > 0
+        rows = rows if real else torch.zeros(1, dtype=torch.long)
         batch = {k: v[rows].to(accelerator.device) for k, v in val_rows.items()}
         with accelerator.autocast():
             out = objective.loss(model, batch, {k: v[rows] for k, v in noise.items()})
-        total += out.total.double()
-        count += out.count.double()
+        if real:
+            total += out.total.double()
+            count += out.count.double()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     model.train(was_training)
     return math.exp(total.item() / count.item())
@@ -282,13 +289,8 @@ def main(cfg: RecipeConfig) -> TrainResult:
     t0 = time.time()
     out = Path(cfg.train.output_dir)
     # torchrun / accelerate launch on a machine without CUDA: run the processes as gloo CPU ranks
-    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # A second main() in one process (notebooks, tests) may ask for other precision settings:
-    # drop the per-run accelerator state, keep the process group.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(  # DDP, FSDP2 or DeepSpeed: whatever the accelerate config says
         mixed_precision=cfg.train.mixed_precision,
-        cpu=cpu_ranks or None,
         log_with=_trackers(list(cfg.train.trackers)) or None,
         project_dir=str(out),
         # accumulation through accelerate: gradients sync (and DeepSpeed steps) once per global batch
@@ -311,15 +313,16 @@ def main(cfg: RecipeConfig) -> TrainResult:
 def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) -> TrainResult:
     world = accelerator.num_processes
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    expected = expected_files(cfg.train.ema_decay > 0)
-    check = lambda state, path: check_resumable(state, cfg, global_batch, path)  # noqa: E731
+    sharded = engine_name(accelerator) if is_sharded(accelerator) else None
+    expected = expected_files(cfg.train.ema_decay > 0, sharded=sharded, world=world)
+    check = lambda state, path: check_resumable(state, cfg, global_batch, path, engine_name(accelerator))  # noqa: E731
     resume_from = resolve_resume(cfg.train.resume, out, expected if accelerator.is_main_process else None, check)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process and cfg.train.resume == "auto":
         resume_from = resolve_resume(cfg.train.resume, out)  # what the main process kept
     if resume_from is not None:
         resumed_state = json.loads((resume_from / "trainer_state.json").read_text())
-        check_resumable(resumed_state, cfg, global_batch, resume_from)
+        check_resumable(resumed_state, cfg, global_batch, resume_from, engine_name(accelerator))
         if resumed_state["step"] == cfg.train.max_steps:
             accelerator.print(
                 f"dlm train | {out} is already trained to step {resumed_state['step']} = train.max_steps "
@@ -422,7 +425,7 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
             "seed": cfg.seed,
             "global_batch": global_batch,
             "data_position": step + 1,
-            "identity": identity(cfg, global_batch),
+            "identity": identity(cfg, global_batch, engine_name(accelerator)),
         }
 
     def validate(step_no: int) -> float:
@@ -537,16 +540,15 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
     # --- export: the (EMA) model and tokenizer, atomically, then the plot and a few samples
     samples: list[str] = []
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        export_final(out / "final", unwrapped, tok, ema)
-        if cfg.train.plot and log_path.is_file():
-            from dlm.train.plot import plot_curves
+    export_final(out / "final", model, tok, ema, accelerator)  # a sharded engine gathers on every process
+    if accelerator.is_main_process and cfg.train.plot and log_path.is_file():
+        from dlm.train.plot import plot_curves
 
-            plot_curves(log_path, out / "curves.png", title=f"{objective.name} · {cfg.train.output_dir}")
-        if cfg.sample.num_samples > 0:
-            samples = _samples(unwrapped, tok, cfg, objective.name, ema)
-            for i, text in enumerate(samples):
-                accelerator.print(f"--- sample {i + 1} ---\n{text}")
+        plot_curves(log_path, out / "curves.png", title=f"{objective.name} · {cfg.train.output_dir}")
+    if cfg.sample.num_samples > 0 and (accelerator.is_main_process or is_sharded(accelerator)):
+        samples = _samples(unwrapped, tok, cfg, objective.name, ema)  # sharded: every process decodes alike
+        for i, text in enumerate(samples):
+            accelerator.print(f"--- sample {i + 1} ---\n{text}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     wall = time.time() - t0

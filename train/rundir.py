@@ -67,11 +67,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity(cfg, global_batch: int) -> dict[str, Any]:
+def identity(cfg, global_batch: int, engine: str = "no") -> dict[str, Any]:
     """The recipe keys that define a run (dotted), plus the global batch it trains with (the
-    batches and noise of step s are functions of the seed, s and the global batch)."""
+    batches and noise of step s are functions of the seed, s and the global batch) and the engine
+    (sharded engines write other checkpoint formats; one process and DDP share theirs)."""
     keys = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(MUTABLE)}
     keys["global_batch"] = global_batch
+    keys["engine"] = engine if engine not in ("no", "ddp") else "whole"
     return json.loads(json.dumps(keys, default=str))  # as it reads back from JSON
 
 

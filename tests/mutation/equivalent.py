@@ -151,6 +151,11 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         ("same_step = steps[1:] == steps[:-1]", "same_step = steps[1:] <= steps[:-1]", SORTED),
     ],
     "train/objectives/bd3lm.py": [
+        ("bad = ((count < k_min) | (count > k_max)).repeat_interleave(self.block_size, dim=1)",
+         "bad = ((count < k_min) + (count > k_max)).repeat_interleave(self.block_size, dim=1)", BOOL),
+        ("bad = ((count < k_min) | (count > k_max)).repeat_interleave(self.block_size, dim=1)",
+         "bad = ((count < k_min) ^ (count > k_max)).repeat_interleave(self.block_size, dim=1)",
+         "k_min <= k_max (feasibility is checked at construction): a count is never below one and above the other"),
         ("if not block_size or block_size < 1:", "if not block_size or block_size < 0:", "0 is caught by `not block_size`"),
         ("fresh = torch.rand(G, L, generator=generator) < p_mask", "fresh = torch.rand(G, L, generator=generator) <= p_mask", MEASURE_ZERO),
         ("masked = torch.rand(G, L, generator=generator) < p_mask", "masked = torch.rand(G, L, generator=generator) <= p_mask", MEASURE_ZERO),

@@ -1,0 +1,153 @@
+"""The sharded path on CPU: dlm's training loop under accelerate's FSDP2 engine over two gloo ranks
+(torch's ``fully_shard`` runs on CPU; dlm switches accelerate's FSDP2 path on for CPU ranks).
+
+Against one unsharded process with the same global batch: the same losses and final weights; a
+sharded checkpoint is written atomically, resumes bit-exactly and exports the full model."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import run_script, tiny_recipe
+from dlm.train.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+ACCELERATE = Path(__file__).parents[1] / "recipes" / "accelerate"
+
+
+def launch_args(config: str, *extra: str):
+    """What ``accelerate launch --config_file CONFIG`` makes of a shipped config (accelerate's own parser)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE / config), *extra, "train.py"])
+    return _validate_launch_command(args)[0]
+
+
+def launch_env(config: str) -> dict[str, str]:
+    """The FSDP settings ``accelerate launch`` exports to its processes for ``config``."""
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    env = prepare_multi_gpu_env(launch_args(config, "--num_processes", "2"))
+    return {k: v for k, v in env.items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+
+
+FSDP2 = launch_env("fsdp2.yaml")  # the shipped config, as accelerate launch passes it on
+
+
+@pytest.mark.parametrize(
+    "config, kind, stage, processes, machines",
+    [
+        ("ddp.yaml", "ddp", None, 8, 1),
+        ("fsdp2.yaml", "fsdp", None, 8, 1),
+        ("zero2.yaml", "deepspeed", 2, 8, 1),
+        ("zero3.yaml", "deepspeed", 3, 8, 1),
+        ("fsdp2-multinode.yaml", "fsdp", None, 16, 2),
+    ],
+)
+def test_the_shipped_accelerate_configs_are_what_they_say(config, kind, stage, processes, machines):
+    args = launch_args(config)
+    assert (args.num_processes, args.num_machines) == (processes, machines)
+    assert args.use_fsdp == (kind == "fsdp") and args.use_deepspeed == (kind == "deepspeed")
+    if stage is not None:
+        assert int(args.zero_stage) == stage
+    if kind == "fsdp":
+        assert launch_env(config)["FSDP_VERSION"] == "2"
+
+
+def recipe_file(tmp_path: Path, **train) -> Path:
+    cfg = tiny_recipe(
+        tmp_path, sample={"num_samples": 0}, train={"max_steps": 4, "save_every": 2, "eval_every": 2, **train}
+    )
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    return path
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def sharded(recipe: Path, out: Path, *extra: str, env=None, check=True):
+    return run_script(
+        "dist_train.py", recipe, f"train.output_dir={out}", "train.micro_batch_size=2", *extra,
+        processes=2, env={**FSDP2, **(env or {})}, check=check,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four steps under FSDP2 on two ranks (EMA on) and in one process, same global batch of 4."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    recipe = recipe_file(tmp, ema_decay=0.9)
+    sharded(recipe, tmp / "fsdp")
+    run_script("dist_train.py", recipe, f"train.output_dir={tmp / 'one'}", "train.micro_batch_size=4")
+    return tmp, recipe
+
+
+def test_fsdp2_on_two_ranks_trains_what_one_process_trains(runs):
+    tmp, _ = runs
+    l2, l1 = losses(tmp / "fsdp"), losses(tmp / "one")
+    assert l2.keys() == l1.keys() == {1, 2, 3, 4}
+    assert all(abs(l2[s] - l1[s]) < 1e-4 for s in l1), (l2, l1)
+    w2, w1 = final_weights(tmp / "fsdp"), final_weights(tmp / "one")  # exported with the EMA weights
+    assert w2.keys() == w1.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_sharded_checkpoints_hold_shards_and_every_rank_ema(runs):
+    tmp, _ = runs
+    newest = list_checkpoints(tmp / "fsdp")[-1]
+    assert newest.name == "checkpoint-4"
+    assert list((newest / "pytorch_model_fsdp_0").glob("*.distcp")) and list((newest / "optimizer_0").glob("*.distcp"))
+    assert not (newest / "model.safetensors").exists()  # the model is sharded: no process holds it whole
+    assert (newest / "ema-0.safetensors").is_file() and (newest / "ema-1.safetensors").is_file()
+    shard0, shard1 = load_file(newest / "ema-0.safetensors"), load_file(newest / "ema-1.safetensors")
+    full = final_weights(tmp / "fsdp")["embed_tokens.weight"]
+    assert shard0["embed_tokens.weight"].shape[0] + shard1["embed_tokens.weight"].shape[0] == full.shape[0]
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["identity"]["engine"] == "fsdp2"
+
+
+def test_a_sharded_run_resumes_bit_exactly(runs):
+    tmp, recipe = runs
+    straight = tmp / "straight"
+    sharded(recipe, straight, "train.max_steps=6")
+    resumed = tmp / "resumed"
+    sharded(recipe, resumed, "train.max_steps=6", env={"DLM_TEST_EXIT_AFTER_SAVE": "4"})  # killed after 4
+    assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-2", "checkpoint-4"]
+    sharded(recipe, resumed, "train.max_steps=6")  # the same command: resumes at checkpoint-4
+    ls, lr = losses(straight), losses(resumed)
+    assert ls == lr
+    ws, wr = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_resumable(runs):
+    tmp, recipe = runs
+    out = tmp / "killed"
+    died = sharded(recipe, out, env={"DLM_TEST_DIE_AT_SAVE": "4"}, check=False)
+    assert died.returncode != 0
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]  # 4 never completed
+    sharded(recipe, out)  # resumes from checkpoint-2 and finishes
+    assert losses(out) == losses(tmp / "fsdp")
+
+
+def test_another_engine_is_refused_on_resume(runs):
+    tmp, recipe = runs
+    res = run_script(
+        "dist_train.py", recipe, f"train.output_dir={tmp / 'fsdp'}", "train.micro_batch_size=2",
+        "train.max_steps=6", processes=2, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0 and "engine: 'fsdp2' → 'whole'" in res.stderr  # DDP into an FSDP2 run

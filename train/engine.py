@@ -1,0 +1,70 @@
+"""The engine a run trains on — DDP, FSDP2 or DeepSpeed ZeRO — chosen by the accelerate config alone.
+
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m dlm.train RECIPE.yaml
+
+dlm's loops are one code path over accelerate's engines: ``accelerator.prepare`` shards the model,
+``save_state``/``load_state`` write and read sharded checkpoints, ``get_state_dict`` gathers the
+full weights for export. What a sharded engine changes in the loops: every process takes part in
+every forward (validation batches are evened out, samples are decoded on every process), and
+checkpoints are accelerate states rather than HF model directories (``final/`` always is one).
+
+On CPU ranks (``torchrun`` / ``accelerate launch --cpu`` with gloo) accelerate falls back to DDP
+whatever the config says; torch's FSDP2 (``fully_shard``) does run there, so when the config asks
+for FSDP2 dlm turns accelerate's FSDP2 path on for CPU ranks too. That is how the sharded code paths
+are tested without a GPU, and how a laptop can rehearse a sharded recipe.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+from dlm.config import ConfigError
+
+
+def cpu_ranks() -> bool:
+    """Several processes on a machine without CUDA: gloo CPU ranks."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """The run's Accelerator (a fresh per-run state; the process group is kept across runs in one
+    process). With an FSDP config on CPU ranks, accelerate's FSDP2 engine is switched on."""
+    # A second main() in one process (notebooks, tests) may ask for other settings: drop the per-run
+    # accelerator state, keep the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    on_cpu = cpu_ranks()
+    accelerator = Accelerator(cpu=on_cpu or None, **kwargs)
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if on_cpu and wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* settings accelerate launch exported
+        if plugin.fsdp_version != 2:
+            raise ConfigError(
+                "FSDP on CPU ranks runs torch's FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                "(recipes/accelerate/fsdp2.yaml)"
+            )
+        if kwargs.get("mixed_precision", "no") != "no":
+            plugin.set_mixed_precision(kwargs["mixed_precision"])
+        AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    return accelerator
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """The engine shards parameters (FSDP, DeepSpeed ZeRO): forwards and state dicts are collective."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def engine_name(accelerator: Accelerator) -> str:
+    """A short name for logs and the run's identity: no, ddp, fsdp2, fsdp1 or deepspeed."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "no" if kind == DistributedType.NO else "ddp"
