@@ -251,3 +251,34 @@ def test_an_update_is_applied_skipped_as_an_fp16_overflow_or_refused(
     got, grad_norm = loop.apply_update(acc, torch.nn.Linear(2, 2), opt, sched, loss, 1.0)
     assert got == outcome and (opt.steps, sched.steps, opt.zeroed) == (opt_steps, sched_steps, 1)
     assert grad_norm == norm or (math.isnan(grad_norm) and math.isnan(norm))
+
+
+def test_checkpoints_with_sharded_weights_are_checked_and_loaded(tmp_path):
+    """Weights saved in shards with an index (large models) resume like a single file; a shard
+    that went missing makes the checkpoint unusable, named."""
+    from safetensors.torch import load_file, save_file
+
+    from dlm.train.checkpoint import expected_files, load_weights
+    from dlm.train.rundir import checkpoint_problem
+
+    cfg = recipe(tmp_path)
+    main(cfg)
+    newest = Path(cfg.train.output_dir) / "checkpoint-4"
+    whole = load_file(newest / "model.safetensors")
+    names = sorted(whole)
+    half = len(names) // 2
+    parts = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for shard, keys in parts.items():
+        save_file({k: whole[k] for k in keys}, newest / shard)
+    weight_map = {k: shard for shard, keys in parts.items() for k in keys}
+    (newest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (newest / "model.safetensors").unlink()
+    assert checkpoint_problem(newest, expected_files(False)) is None
+    assert all(torch.equal(load_weights(newest)[k], whole[k]) for k in whole)
+    second = newest / "model-00002-of-00002.safetensors"
+    second.rename(tmp_path / "aside")
+    assert checkpoint_problem(newest, expected_files(False)) == (
+        "model-00002-of-00002.safetensors (named by model.safetensors.index.json) is missing"
+    )
+    (tmp_path / "aside").rename(second)
+    assert main(with_(cfg, "train", max_steps=6)).final_step == 6  # resumed from the sharded checkpoint

@@ -73,7 +73,7 @@ def expected_files(ema: bool, lora: bool = False, sharded: str | None = None, wo
         states = ["pytorch_model_fsdp_0", "optimizer_0"] if sharded.startswith("fsdp") else []
         emas = [f"ema-{r}.safetensors" for r in range(world)] if ema else []
         return [STATE, "scheduler.pt", *states, *[f"random_states_{r}.pkl" for r in range(world)], *emas]
-    weights = ADAPTER if lora else "model.safetensors"
+    weights = ADAPTER if lora else "model.safetensors"  # or its index and shards
     return [STATE, "config.json" if not lora else "adapter_config.json", weights, "optimizer.pt", "scheduler.pt"] + (
         ["ema.safetensors"] if ema else []
     )
@@ -201,6 +201,17 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, ema) -
 ADAPTER = "adapter_model.safetensors"
 
 
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A directory's safetensors weights: ``model.safetensors``, or every shard its index names."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(path / "model.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(path / shard))
+    return state
+
+
 def _load_weights(model, path: Path) -> None:
     """The model's weights from a checkpoint: full weights, or a LoRA adapter for a peft model."""
     lora = hasattr(model, "peft_config")
@@ -220,7 +231,7 @@ def _load_weights(model, path: Path) -> None:
                 f"{sorted(result.unexpected_keys)[:3]}; resume with the lora settings that wrote it"
             )
         return
-    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(

@@ -158,8 +158,18 @@ def checkpoint_problem(path: Path, expected: list[str]) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed from, or None. Reads every file's integrity
     (sizes, CRCs, JSON) but deserialises nothing."""
     for name in expected:
-        if not (path / name).exists():
+        if (path / name).exists():
+            continue
+        index = path / f"{name}.index.json"  # weights sharded in several files
+        if not index.is_file():
             return f"{name} is missing"
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            return f"{index.name} is not a safetensors index"
+        lost = sorted(s for s in shards if not (path / s).is_file())
+        if lost:
+            return f"{lost[0]} (named by {index.name}) is missing"
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path)
         if file.suffix == ".safetensors":
