@@ -259,6 +259,12 @@ def _bench_train(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_memory(args: argparse.Namespace) -> int:
+    from dlm.eval.bench_memory import main as bench_main
+
+    return bench_main(args)
+
+
 def _bench_guide(args: argparse.Namespace) -> int:
     from dlm.eval.bench_guide import main as bench_main
 
@@ -476,6 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", help="write every figure here as JSON")
     b.set_defaults(func=_bench_decode)
+
+    b = bench.add_parser("memory", help="per-GPU memory of a recipe under DDP, FSDP2, ZeRO-2 and ZeRO-3")
+    b.add_argument("recipe", help="recipe YAML path, or a bundled recipe name")
+    b.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    b.add_argument("--accelerate-config", default=None, help="plan only this accelerate config's engine and GPUs")
+    b.add_argument("--gpus", type=int, default=None, help="GPUs (default: the accelerate config's, else 8)")
+    b.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU to check the plan against (default 80)")
+    b.add_argument("--shape", default=None, help="a benchmark shape (llada-8b, dream-7b, sdar-8b, ...) for hub starts")
+    b.add_argument("--json", help="write the plan here")
+    b.set_defaults(func=_bench_memory)
 
     b = bench.add_parser(
         "guide", help="guided decoding: reward vs NFE of best-of-N, SMC, SVDD and DTS on a task (PNG + JSON)"

@@ -94,6 +94,7 @@ def main(args) -> int:
         texts = tok.batch_decode(samples, skip_special_tokens=True)
         gppl = generative_perplexity(judge, judge_tok, texts, args.batch_size)
         entropy = unigram_entropy(samples)
+        decode_nfe = float(getattr(out, "decode_nfe", out.nfe).double().mean())
         edlm = (
             f" + {float(out.energy_nfe.double().mean()):.0f} energy evaluations, EDLM k={args.candidates} "
             f"energy {energy_where}"
@@ -102,7 +103,7 @@ def main(args) -> int:
         )
         print(
             f"dlm ppl | {args.num_samples} samples of {args.gen_length} tokens ({args.decoder}, temperature "
-            f"{args.temperature}, NFE {float(getattr(out, 'decode_nfe', out.nfe).double().mean()):.1f}{edlm}) | generative perplexity under "
+            f"{args.temperature}, NFE {decode_nfe:.1f}{edlm}) | generative perplexity under "
             f"{judge_where}: {gppl:.3f} | unigram entropy: {entropy:.3f} nats"
         )
         record["generative"] = {
@@ -113,7 +114,7 @@ def main(args) -> int:
             "gen_length": args.gen_length,
             "generative_perplexity": gppl,
             "unigram_entropy": entropy,
-            "nfe": float(getattr(out, "decode_nfe", out.nfe).double().mean()),
+            "nfe": decode_nfe,
             "edlm": None
             if energy_where is None
             else {

@@ -143,3 +143,27 @@ def test_bench_train_writes_the_step_times_it_promises(tmp_path, monkeypatch, ca
             assert r["ratio_to_ar"] == pytest.approx(r["median_s"] / ar)
     printed = capsys.readouterr().out
     assert "hidden 32, 1 layers, 2 heads, vocab 64" in printed and "bd3lm / ar step time" in printed
+
+
+def test_memory_plan_arithmetic_and_command(tmp_path, capsys):
+    """Per-GPU bytes for P parameters over N GPUs, by hand: DDP 16P; FSDP2 16P/N + two gathered
+    bf16 layers; ZeRO-2 2P + 14P/N; ZeRO-3 16P/N + two gathered layers."""
+    from dlm.eval.bench_memory import activations, plan
+
+    sizes = {"params": 1000, "layer_params": 100, "hidden": 4, "intermediate": 8, "layers": 2, "vocab": 10}
+    act = 7.0
+    totals = {e: plan(e, sizes, 4, act).total - act for e in ("ddp", "fsdp2", "zero2", "zero3")}
+    assert totals == {"ddp": 16000, "fsdp2": 4000 + 400, "zero2": 2000 + 3500, "zero3": 4000 + 400}
+    # 34h + 2i bytes per token per layer, two layers, plus fp32 log-softmax over half the positions
+    assert activations(sizes, rows=1, seq=3, checkpointing=False, scored=0.5) == 2 * (34 * 4 + 16) * 3 + 6 * 10 * 3 * 0.5
+    assert activations(sizes, 1, 3, True, 0.5) == 2 * 4 * 3 * 2 + (34 * 4 + 16) * 3 + 6 * 10 * 3 * 0.5
+    out = tmp_path / "plan.json"
+    assert cli_main(["bench", "memory", "recipes/sft-llada-8b.yaml", "--shape", "llada-8b", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "8.02B parameters" in printed and "ddp" in printed and "zero3" in printed
+    plans = {p["engine"]: p for p in json.loads(out.read_text())["plans"]}
+    assert plans["ddp"]["total"] > 80 * 2**30 > plans["fsdp2"]["total"]  # full SFT of 8B: not in DDP, fits sharded
+    assert cli_main(["bench", "memory", "recipes/sft-llada-8b.yaml"]) == 2  # a hub start needs --shape
+    assert "name its shape with --shape" in capsys.readouterr().err
+    assert cli_main(["bench", "memory", "quickstart", "--accelerate-config", "recipes/accelerate/zero2.yaml"]) == 0
+    assert "zero2" in capsys.readouterr().out

@@ -53,6 +53,30 @@ def init_checkpoint(name: str) -> Path:
         raise ConfigError(f"model.init_from: {exc}") from None
 
 
+def model_config(cfg: ModelConfig, vocab_size: int, mask_token_id: int | None = None, **extra) -> DLMConfig:
+    """The DLMConfig of a recipe's model section (vocabulary rounded up to ``vocab_multiple``)."""
+    padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    try:
+        return DLMConfig(
+            vocab_size=padded,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rope_theta=cfg.rope_theta,
+            rope_scaling_type=cfg.rope_scaling_type,
+            rope_scaling_factor=cfg.rope_scaling_factor,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            mask_token_id=mask_token_id,
+            attn_backend=cfg.attn_backend,
+            **extra,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from exc
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, mask_token_id: int, **extra) -> DLMModel:
     if cfg.init_from is not None:
         model = DLMModel.from_pretrained(str(init_checkpoint(cfg.init_from)))
@@ -67,26 +91,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, mask_token_id: int, **extra) 
                 "(tokenizer.name_or_path set to the checkpoint directory)"
             )
     else:
-        padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        try:
-            config = DLMConfig(
-                vocab_size=padded,
-                hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_hidden_layers,
-                num_attention_heads=cfg.num_attention_heads,
-                num_key_value_heads=cfg.num_key_value_heads,
-                max_position_embeddings=cfg.max_position_embeddings,
-                rope_theta=cfg.rope_theta,
-                rope_scaling_type=cfg.rope_scaling_type,
-                rope_scaling_factor=cfg.rope_scaling_factor,
-                tie_word_embeddings=cfg.tie_word_embeddings,
-                mask_token_id=mask_token_id,
-                attn_backend=cfg.attn_backend,
-                **extra,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"model: {exc}") from exc
+        config = model_config(cfg, vocab_size, mask_token_id, **extra)
         model = DLMModel(config)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing = True
