@@ -8,9 +8,9 @@ full weights for export. What a sharded engine changes in the loops: every proce
 every forward (validation batches are evened out, samples are decoded on every process), and
 checkpoints are accelerate states rather than HF model directories (``final/`` always is one).
 
-On CPU ranks (``torchrun`` / ``accelerate launch --cpu`` with gloo) accelerate falls back to DDP
-whatever the config says; torch's FSDP2 (``fully_shard``) does run there, so when the config asks
-for FSDP2 dlm turns accelerate's FSDP2 path on for CPU ranks too. That is how the sharded code paths
+On CPU ranks (``torchrun`` with gloo, the ``FSDP_*`` settings ``accelerate launch`` would export
+in the environment) accelerate falls back to DDP whatever they say; torch's FSDP2 (``fully_shard``)
+does run there, so when they ask for FSDP2 dlm turns accelerate's FSDP2 path on for CPU ranks too. That is how the sharded code paths
 are tested without a GPU, and how a laptop can rehearse a sharded recipe.
 """
 
