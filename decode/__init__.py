@@ -11,10 +11,9 @@ logits ``[B, T, V]`` or an object with ``.logits``. Decoders: ``ancestral``, ``f
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
-from dlm.registry import Registry, close_matches
+from dlm.registry import Registry
 
 DECODERS: Registry[type] = Registry("decoder")
 
@@ -23,18 +22,7 @@ def build_decoder(name: str, **cfg: Any):
     """A decoder from its registry name and settings; unknown names and keys list what exists."""
     from dlm.decode import ancestral, confidence, first_hitting  # noqa: F401  (register the built-ins)
 
-    try:
-        cls = DECODERS.get(name)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
-    allowed = [f.name for f in fields(cls)]
-    for key in cfg:
-        if key not in allowed:
-            raise ValueError(
-                f"decoder {name!r} has no setting {key!r}; its settings: {', '.join(allowed)}."
-                + close_matches(key, allowed)
-            )
-    return cls(**cfg)
+    return DECODERS.build(name, **cfg)
 
 
 def decoder_names() -> list[str]:

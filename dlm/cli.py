@@ -61,23 +61,32 @@ DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
 }
 
 
-def decoder_settings(args: argparse.Namespace) -> dict:
-    """Settings for ``build_decoder`` from the CLI; an option the decoder does not take is an error."""
+def options_for(args: argparse.Namespace, registry, name: str, options: dict[str, str], flag: str) -> dict:
+    """The settings of ``registry[name]`` given on the command line (``options``: CLI option ->
+    setting); an option the component does not take is an error naming ``--flag NAME``."""
     from dataclasses import fields
 
+    from dlm.config import ConfigError
+
+    allowed = {f.name for f in fields(registry.get(name))}
+    settings = {}
+    for option, key in options.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        if key not in allowed:
+            raise ConfigError(f"--{option.replace('_', '-')} does not apply to --{flag} {name}")
+        settings[key] = value
+    return settings
+
+
+def decoder_settings(args: argparse.Namespace) -> dict:
+    """Settings for ``build_decoder`` from the CLI; an option the decoder does not take is an error."""
     from dlm.config import ConfigError
     from dlm.decode import DECODERS, decoder_names
 
     decoder_names()  # registers the built-ins
-    allowed = {f.name for f in fields(DECODERS.get(args.decoder))}
-    settings = {}
-    for option, key in DECODER_OPTIONS.items():
-        value = getattr(args, option)
-        if value is None:
-            continue
-        if key not in allowed:
-            raise ConfigError(f"--{option.replace('_', '-')} does not apply to --decoder {args.decoder}")
-        settings[key] = value
+    settings = options_for(args, DECODERS, args.decoder, DECODER_OPTIONS, "decoder")
     if args.decoder == "confidence":
         if args.threshold is not None and args.factor is not None:
             raise ConfigError("give --threshold or --factor, not both")
@@ -99,22 +108,10 @@ GUIDE_OPTIONS = {  # CLI option -> guide setting
 
 def guide_settings(args: argparse.Namespace) -> dict:
     """Settings for ``build_guide`` from the CLI; an option the guide does not take is an error."""
-    from dataclasses import fields
-
-    from dlm.config import ConfigError
     from dlm.decode.guides import GUIDES, guide_names
 
     guide_names()  # registers the built-ins
-    allowed = {f.name for f in fields(GUIDES.get(args.guide))}
-    settings = {}
-    for option, key in GUIDE_OPTIONS.items():
-        value = getattr(args, option, None)
-        if value is None:
-            continue
-        if key not in allowed:
-            raise ConfigError(f"--{option.replace('_', '-')} does not apply to --guide {args.guide}")
-        settings[key] = value
-    return settings
+    return options_for(args, GUIDES, args.guide, GUIDE_OPTIONS, "guide")
 
 
 def _guided(args, decoder, model, tok, enc, prompts, gen, dtype):

@@ -49,3 +49,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+    def build(self, name: str, **settings):
+        """The dataclass registered as ``name`` built with ``settings``; an unknown name or setting
+        is a ValueError listing what exists."""
+        from dataclasses import fields
+
+        try:
+            cls = self.get(name)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        allowed = [f.name for f in fields(cls)]
+        for key in settings:
+            if key not in allowed:
+                raise ValueError(
+                    f"{self.kind} {name!r} has no setting {key!r}; its settings: {', '.join(allowed)}."
+                    + close_matches(key, allowed)
+                )
+        return cls(**settings)

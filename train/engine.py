@@ -10,8 +10,9 @@ checkpoints are accelerate states rather than HF model directories (``final/`` a
 
 On CPU ranks (``torchrun`` with gloo, the ``FSDP_*`` settings ``accelerate launch`` would export
 in the environment) accelerate falls back to DDP whatever they say; torch's FSDP2 (``fully_shard``)
-does run there, so when they ask for FSDP2 dlm turns accelerate's FSDP2 path on for CPU ranks too. That is how the sharded code paths
-are tested without a GPU, and how a laptop can rehearse a sharded recipe.
+does run there, so when they ask for FSDP2 dlm turns accelerate's FSDP2 path on for CPU ranks too.
+That is how the sharded code paths are tested without a GPU, and how a laptop can rehearse a
+sharded recipe.
 """
 
 from __future__ import annotations

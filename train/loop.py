@@ -141,6 +141,23 @@ def check_resumable(state: dict, cfg, global_batch: int, where: Path, engine: st
         )
 
 
+def open_resume(accelerator, cfg, out: Path, expected: list[str], global_batch: int) -> tuple[Path | None, dict]:
+    """The checkpoint this run resumes from and its trainer state (``(None, {})`` for a fresh run):
+    the main process checks candidates (refusing another recipe's, setting broken ones aside), the
+    others then take what it kept."""
+    engine = engine_name(accelerator)
+    check = lambda state, path: check_resumable(state, cfg, global_batch, path, engine)  # noqa: E731
+    resume_from = resolve_resume(cfg.train.resume, out, expected if accelerator.is_main_process else None, check)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process and cfg.train.resume == "auto":
+        resume_from = resolve_resume(cfg.train.resume, out)  # what the main process kept
+    if resume_from is None:
+        return None, {}
+    state = json.loads((resume_from / "trainer_state.json").read_text())
+    check_resumable(state, cfg, global_batch, resume_from, engine)
+    return resume_from, state
+
+
 def apply_optim_settings(optimizer, scheduler, cfg) -> list[str]:
     """A resumed run trains with the recipe's optimizer settings, not the checkpoint's: returns what changed."""
     notes = []
@@ -315,14 +332,8 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     sharded = engine_name(accelerator) if is_sharded(accelerator) else None
     expected = expected_files(cfg.train.ema_decay > 0, sharded=sharded, world=world)
-    check = lambda state, path: check_resumable(state, cfg, global_batch, path, engine_name(accelerator))  # noqa: E731
-    resume_from = resolve_resume(cfg.train.resume, out, expected if accelerator.is_main_process else None, check)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process and cfg.train.resume == "auto":
-        resume_from = resolve_resume(cfg.train.resume, out)  # what the main process kept
+    resume_from, resumed_state = open_resume(accelerator, cfg, out, expected, global_batch)
     if resume_from is not None:
-        resumed_state = json.loads((resume_from / "trainer_state.json").read_text())
-        check_resumable(resumed_state, cfg, global_batch, resume_from, engine_name(accelerator))
         if resumed_state["step"] == cfg.train.max_steps:
             accelerator.print(
                 f"dlm train | {out} is already trained to step {resumed_state['step']} = train.max_steps "

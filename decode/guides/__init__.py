@@ -23,10 +23,9 @@ token-level callable ``reward(tokens_NG) -> Tensor[N]``; a value is ``value(canv
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
-from dlm.registry import Registry, close_matches
+from dlm.registry import Registry
 
 GUIDES: Registry[type] = Registry("guide")
 
@@ -38,18 +37,7 @@ def _register_builtins() -> None:
 def build_guide(name: str, **settings: Any):
     """A guide from its registry name and settings; unknown names and keys list what exists."""
     _register_builtins()
-    try:
-        cls = GUIDES.get(name)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
-    allowed = [f.name for f in fields(cls)]
-    for key in settings:
-        if key not in allowed:
-            raise ValueError(
-                f"guide {name!r} has no setting {key!r}; its settings: {', '.join(allowed)}."
-                + close_matches(key, allowed)
-            )
-    return cls(**settings)
+    return GUIDES.build(name, **settings)
 
 
 def guide_names() -> list[str]:

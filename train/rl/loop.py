@@ -42,7 +42,7 @@ from dlm.decode.blocks import block_causal_size
 from dlm.tasks import generate
 from dlm.train.checkpoint import expected_files, export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
-from dlm.train.loop import check_resumable, param_groups, resolve_resume, trim_log, warmup_cosine
+from dlm.train.loop import open_resume, param_groups, trim_log, warmup_cosine
 from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, concat_rows, token_logprobs
 from dlm.train.rl.loss import NORMS, group_advantages, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, resolve
@@ -304,14 +304,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
 def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any]:
     expected = expected_files(False, lora=cfg.lora.enabled)
     global_batch = cfg.rl.prompts_per_step * cfg.rl.group_size * acc.num_processes
-    check = lambda state, path: check_resumable(state, cfg, global_batch, path)  # noqa: E731
-    resume_from = resolve_resume(cfg.train.resume, out, expected if acc.is_main_process else None, check)
-    acc.wait_for_everyone()
-    if not acc.is_main_process and cfg.train.resume == "auto":
-        resume_from = resolve_resume(cfg.train.resume, out)  # what the main process kept
-    if resume_from is not None:
-        resumed = json.loads((resume_from / "trainer_state.json").read_text())
-        check_resumable(resumed, cfg, global_batch, resume_from)
+    resume_from, _ = open_resume(acc, cfg, out, expected, global_batch)
     from dlm.loading import load as load_model
 
     load = {"dtype": getattr(torch, cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
