@@ -248,6 +248,17 @@ def test_confidence_is_the_models_probability_under_filtering_not_the_filtered_o
     assert out.generated.tolist() == [[0, 0]] and out.step_map[0, 1:].tolist() == [1, 0]
 
 
+def test_factor_rule_on_an_odd_number_of_positions_and_its_validation():
+    """Blocks of odd length (5 candidates) and the factor's domain (it must be positive)."""
+    conf = torch.tensor([[0.99, 0.98, 0.97, 0.2, 0.1]])
+    masked = torch.ones_like(conf, dtype=torch.bool)
+    # n=1: 2*0.01 < 1; n=2: 3*0.02; n=3: 4*0.03 = 0.12 ok; n=4: 5*0.8 = 4 no
+    assert count_from_rule(conf, masked, "factor", 0.9, 1.0).tolist() == [3]
+    for bad in (0.0, -0.5):
+        with pytest.raises(ValueError, match=f"factor={bad} must be positive"):
+            build_decoder("confidence", gen_length=4, steps=4, rule="factor", factor=bad)
+
+
 def test_threshold_and_factor_default_to_fast_dllm_values():
     dec = build_decoder("confidence", gen_length=8, rule="threshold")
     assert (dec.threshold, dec.factor) == (0.9, 1.0)
@@ -460,6 +471,11 @@ def test_two_level_inverse_cdf_matches_a_flat_float64_cdf():
         for u_edge in (1 - 1e-17, 0.0):  # both ends of [0, 1): never a zero-weight token
             edge, _ = inverse_cdf(w, torch.full((64,), u_edge, dtype=torch.float64))
             assert (w.gather(1, edge[:, None]) > 0).all(), u_edge
+        if vocab > CHUNK:  # a first chunk of zero weight: u = 0 must skip it, not land in it
+            w0 = w.clone()
+            w0[:, :CHUNK] = 0.0
+            first, _ = inverse_cdf(w0, torch.zeros(64, dtype=torch.float64))
+            assert (w0.gather(1, first[:, None]) > 0).all() and (first >= CHUNK).all()
 
 
 def test_filters_keep_the_top_k_and_the_smallest_set_reaching_top_p():
@@ -472,6 +488,10 @@ def test_filters_keep_the_top_k_and_the_smallest_set_reaching_top_p():
     assert kept(filter_logits(logits, None, 0.7)) == [0, 1]  # mass before token 2 is 0.8 >= 0.7
     assert kept(filter_logits(logits, None, 0.81)) == [0, 1, 2]
     assert kept(filter_logits(logits[:, [3, 2, 1, 0]], None, 0.7)) == [2, 3]  # positions, not ranks
+    halves = torch.tensor([[2.0, 1.0, 1.0]]).log()  # probabilities 0.5, 0.25, 0.25 (exact in binary)
+    assert kept(filter_logits(halves, None, 0.75)) == [0, 1]  # the mass before token 2 reaches p exactly
+    tail = torch.tensor([[0.0, -30.0, -40.0]])  # float32 cumulative mass is 1.0 before the tail tokens
+    assert torch.equal(filter_logits(tail, None, 1.0), tail)  # top_p = 1 filters nothing
 
 
 def test_first_hitting_k_per_call_decodes_everything_in_ceil_l_over_k_calls():
