@@ -9,7 +9,8 @@ from conftest import tiny_model
 from dlm.decode import build_decoder
 from dlm.train.objectives import subs_log_probs
 from dlm.train.rl.estimators import Rollouts, Rows, build_rows, expected_rows, token_logprobs
-from dlm.train.rl.loss import group_advantages, policy_loss
+from dlm.train.rl.loop import evened_logprobs, row_forwards
+from dlm.train.rl.loss import group_advantages, loss_count, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, score
 
 MASK = 63
@@ -552,6 +553,55 @@ def test_step_normalisation_counts_each_decoding_step_once():
     assert token.loss.item() == pytest.approx(-1 / 5)  # (-3 + 2) / 5 tokens
     with pytest.raises(ValueError, match="norm='step' needs the rollouts' step_map"):
         policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="step")
+
+
+@pytest.mark.parametrize("norm", ["token", "sequence", "step", "none"])
+def test_processes_holding_uneven_parts_of_a_batch_train_as_one_process(norm):
+    """Two halves of a batch with different numbers of tokens and steps: each divided by half the
+    global count, their mean gradient is the whole batch's (what N averaged processes compute)."""
+    g = torch.Generator().manual_seed(3)
+    step_map = torch.tensor([[0, 0, 1, 2], [0, 1, -1, -1], [0, 0, 0, 1], [1, 0, 2, 3]])
+    mask = step_map >= 0
+    new = torch.randn(4, 4, generator=g).requires_grad_()
+    old, adv = new.detach() + 0.1 * torch.randn(4, 4, generator=g), torch.tensor([1.0, -0.5, 0.25, 2.0])
+    whole = policy_loss(new, old, adv, mask, norm=norm, step_map=step_map)
+    (expected,) = torch.autograd.grad(whole.loss, new)
+    halves = [slice(0, 1), slice(1, 4)]  # one rollout against three: counts differ
+    total = sum(loss_count(mask[h], norm, step_map[h]) for h in halves) if norm != "none" else 1.0
+    grads = []
+    for h in halves:
+        part = policy_loss(new[h], old[h], adv[h], mask[h], norm=norm, step_map=step_map[h], count=total / 2)
+        grads.append(torch.autograd.grad(part.loss, new)[0])
+    torch.testing.assert_close((grads[0] + grads[1]) / 2, expected)
+    assert loss_count(mask, norm, step_map) == {"token": 14.0, "sequence": 4.0, "step": 11.0, "none": 1.0}[norm]
+
+
+def test_extra_row_forwards_change_neither_the_log_probs_nor_their_gradients():
+    """Under a sharded engine every process makes as many row forwards as the busiest: the extra
+    calls repeat a batch with weight zero."""
+    model, _, r = rollouts("confidence", steps=12)
+    rows = build_rows("trajectory", r, MASK, shrink=1)
+    needed = row_forwards(rows, 5)
+    assert needed == -(-rows.inputs.shape[0] // 5) and needed >= 2
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    outs, grads = [], []
+    for forwards in (0, needed - 1, needed + 3):
+        calls.clear()
+        model.zero_grad()
+        out = evened_logprobs(model, r, rows, MASK, 5, forwards)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        assert len(calls) == max(needed, forwards)
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    hook.remove()
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+        for a, b in zip(grad, grads[0]):
+            torch.testing.assert_close(a, b)
+    empty = Rows(rows.inputs[:0], rows.targets[:0], rows.weights[:0], rows.owner[:0])
+    with pytest.raises(ValueError, match="extra forwards need at least one row"):
+        evened_logprobs(model, r, empty, MASK, 5, 1)
 
 
 def test_tokens_after_the_first_eos_can_be_left_out_of_the_loss():

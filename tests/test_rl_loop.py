@@ -444,3 +444,27 @@ def test_held_out_reward_is_measured_in_eval_mode(sft, tmp_path, monkeypatch):
     data["lora"] = {"r": 2, "dropout": 0.5, "target_modules": ["q_proj"]}
     main(from_dict(RLRecipe, data))
     assert modes and not any(modes), modes
+
+
+def test_rl_refuses_the_engines_it_does_not_run_with_the_fix(sft):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from dlm.train.rl.loop import check_engine
+
+    def acc(kind, version=2):
+        return SimpleNamespace(
+            distributed_type=kind, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
+        )
+
+    plain, lora = recipe(sft, "out"), from_dict(RLRecipe, {**to_dict(recipe(sft, "out")), "lora": {"r": 4}})
+    with pytest.raises(ConfigError, match="does not run under DeepSpeed yet.*fsdp2.yaml"):
+        check_engine(acc(DistributedType.DEEPSPEED), plain)
+    with pytest.raises(ConfigError, match="FSDP2 only: set fsdp_version: 2"):
+        check_engine(acc(DistributedType.FSDP, version=1), plain)
+    with pytest.raises(ConfigError, match="LoRA RL .* runs on one process or DDP"):
+        check_engine(acc(DistributedType.FSDP), lora)
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        check_engine(acc(kind), plain)  # what dlm rl runs on
+    check_engine(acc(DistributedType.MULTI_GPU), lora)

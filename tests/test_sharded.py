@@ -151,3 +151,70 @@ def test_another_engine_is_refused_on_resume(runs):
         "train.max_steps=6", processes=2, check=False,
     )  # fmt: skip
     assert res.returncode != 0 and "engine: 'fsdp2' → 'whole'" in res.stderr  # DDP into an FSDP2 run
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    from conftest import train_tiny
+
+    tmp = tmp_path_factory.mktemp("sft")
+    data = {"dataset": "task:repeat", "format": "chat", "task_args": {"period": 4, "repeats": 2}}
+    data = {**data, "max_documents": 64, "seq_len": 16, "val_fraction": 0.1}
+    return train_tiny(tmp, objective="sft", data=data, train={"max_steps": 60, "save_every": 60, "eval_every": 60})
+
+
+#: rollouts of data-dependent length (the threshold rule decodes as many tokens per step as are
+#: confident), trajectory rows in batches of 3 (the two ranks make different numbers of row
+#: forwards) and a KL reference (sharded too)
+UNEVEN = {
+    "decode": {"rule": "threshold", "threshold": 0.01},
+    "rl": {"beta": 0.05, "row_batch_size": 3, "save_rollouts_every": 1},
+}
+
+
+def decode_forwards(rollouts: Path, group: int = 3, block: int = 4) -> dict[int, int]:
+    """Per RL step, the model calls a rank's rollouts took: per prompt group and block, the most
+    decoding steps any of its rows took there."""
+    rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    calls: dict[int, int] = {}
+    for i in range(0, len(rows), group):
+        members = rows[i : i + group]
+        for b in range(0, len(members[0]["step_map"]), block):
+            used = max(len({s for s in m["step_map"][b : b + block] if s >= 0}) for m in members)
+            calls[members[0]["step"]] = calls.get(members[0]["step"], 0) + used
+    return calls
+
+
+def rl(sft, out: Path, per_rank: int, processes: int, env=None, **extra):
+    sections = {k: {**v, **extra.get(k, {})} for k, v in UNEVEN.items()} | {
+        k: v for k, v in extra.items() if k not in UNEVEN
+    }
+    run_script("dist_rl.py", sft, out, per_rank, "trajectory", json.dumps(sections), processes=processes, env=env)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_rl_on_two_ranks_trains_what_one_process_trains(sft, tmp_path, engine):
+    """Two ranks whose rollouts end unevenly (other step counts, token counts, row forwards) train
+    the weights one process trains on the whole global batch: under FSDP2 (sharded policy and
+    reference, gathered rollouts, evened row forwards) and DDP (the loss divided by each rank's
+    share of the global count)."""
+    rl(sft, tmp_path / "fsdp", 2, 2, env=FSDP2 if engine == "fsdp2" else None, train={"save_every": 1})
+    rl(sft, tmp_path / "one", 4, 1, train={"save_every": 1})
+    calls = [decode_forwards(tmp_path / "fsdp" / f"rollouts-{rank}.jsonl") for rank in (0, 1)]
+    assert calls[0] != calls[1], f"the ranks should decode for different numbers of forwards: {calls}"
+    a, b = (load_file(tmp_path / d / "weights.safetensors") for d in ("fsdp", "one"))
+    initial = load_file(Path(sft) / "final" / "model.safetensors")
+    assert any(not torch.equal(b[k], initial[k]) for k in initial)  # the run did update the model
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ha, hb = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("fsdp", "one"))
+    for x, y in zip(ha, hb, strict=True):
+        for key in ("held_out_reward", "reward_mean", "completion_length"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    checkpoint = tmp_path / "fsdp" / "checkpoint-1"
+    if engine == "fsdp2":
+        assert list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")), "an FSDP2 RL checkpoint is sharded"
+    else:
+        assert (checkpoint / "model.safetensors").is_file()

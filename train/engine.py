@@ -18,6 +18,7 @@ sharded recipe.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -69,3 +70,54 @@ def engine_name(accelerator: Accelerator) -> str:
     if kind == DistributedType.DEEPSPEED:
         return "deepspeed"
     return "no" if kind == DistributedType.NO else "ddp"
+
+
+def fsdp_modules(model: torch.nn.Module) -> list:
+    """The FSDP2 units of ``model`` (empty when it is not sharded with ``fully_shard``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(model: torch.nn.Module, accelerator: Accelerator):
+    """Full parameters on every process for forwards whose number differs between processes
+    (rollout decoding stops at EOS or a confidence threshold, per row): under FSDP2 the shards are
+    all-gathered once on entry, forwards inside run locally, the shards come back on exit (each
+    process holds one whole copy meanwhile). Other engines: nothing to do (DDP forwards are local)."""
+    units = fsdp_modules(model)
+    if not units:
+        yield model
+        return
+    if torch.is_grad_enabled():
+        raise RuntimeError("gathered() is for no-grad forwards; a backward would reduce-scatter per forward")
+    after = accelerator.state.fsdp_plugin.reshard_after_forward
+    for unit in units:
+        unit.unshard()  # collective: every process enters with the same model
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(after, recurse=False)
+            unit.reshard()
+
+
+def shard_frozen(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """A frozen model (an RL reference) sharded like the trained one under FSDP2; unchanged elsewhere."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def most_across(accelerator: Accelerator, n: int) -> int:
+    """The largest ``n`` over the processes (so every one can run that many collective forwards)."""
+    if accelerator.num_processes == 1:
+        return n
+    import torch.distributed as dist
+
+    value = torch.tensor([n], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)

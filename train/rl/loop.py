@@ -15,14 +15,19 @@ Prompts come from a dlm task or any reasoning-gym dataset (``rl.task``), formatt
 diffusion checkpoint transformers can load (``rl.init`` hub id, ``rl.trust_remote_code``,
 ``rl.dtype``, ``rl.mask_token_id``); ``lora.r > 0`` trains peft adapters and uses the base
 (adapters off) as the KL reference. Random draws (rollouts, masks) come from generators per
-prompt group, so N processes reproduce one process with the same global batch.
+prompt group, and each process divides its loss by its share of the global batch's count, so N
+processes reproduce one process with the same global batch.
+
+Engines (the accelerate config): one process, DDP, or FSDP2 with the policy and the reference
+sharded — rollouts then decode on gathered weights (``engine.gathered``: each process decodes for
+as many steps as its prompts take) and row forwards are evened out across processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,6 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModel
@@ -42,9 +46,10 @@ from dlm.decode.blocks import block_causal_size
 from dlm.tasks import generate
 from dlm.train.checkpoint import expected_files, export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
+from dlm.train.engine import engine_name, gathered, is_sharded, make_accelerator, most_across, shard_frozen
 from dlm.train.loop import open_resume, param_groups, trim_log, warmup_cosine
-from dlm.train.rl.estimators import ESTIMATORS, Rollouts, build_rows, concat_rows, token_logprobs
-from dlm.train.rl.loss import NORMS, group_advantages, policy_loss
+from dlm.train.rl.estimators import ESTIMATORS, Rollouts, Rows, build_rows, concat_rows, token_logprobs
+from dlm.train.rl.loss import NORMS, group_advantages, loss_count, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, resolve
 from dlm.train.rundir import RunLock, identity
 
@@ -262,16 +267,42 @@ def make_rows(cfg: RLRecipe, r: Rollouts, mask_id: int, block, step: int, first:
     return concat_rows(parts, [G] * n)
 
 
-def reference_logprobs(plain, ref, r: Rollouts, rows, mask_id: int, cfg: RLRecipe) -> torch.Tensor:
+def row_forwards(rows: Rows, batch_size: int) -> int:
+    """Model calls ``token_logprobs`` makes for ``rows`` in batches of ``batch_size``."""
+    return -(-rows.inputs.shape[0] // batch_size)
+
+
+def evened_logprobs(model, r: Rollouts, rows: Rows, mask_id: int, batch_size: int, calls: int) -> torch.Tensor:
+    """``token_logprobs`` making at least ``calls`` model calls: under a sharded engine every process
+    must make as many forwards as the busiest one. The extra calls score the first batch again and
+    add it with weight zero — the output and its gradients are unchanged, and every parameter still
+    takes part in the backward (whose reduce-scatters are collective too)."""
+    out = token_logprobs(model, r, rows, mask_id, batch_size)
+    extra = calls - row_forwards(rows, batch_size)
+    if extra > 0 and rows.inputs.shape[0] == 0:
+        raise ValueError("evened_logprobs: extra forwards need at least one row to repeat")
+    first = dataclasses.replace(
+        rows,
+        inputs=rows.inputs[:batch_size],
+        targets=rows.targets[:batch_size],
+        weights=rows.weights[:batch_size],
+        owner=rows.owner[:batch_size],
+    )
+    for _ in range(extra):
+        out = out + 0.0 * token_logprobs(model, r, first, mask_id, batch_size).sum()
+    return out
+
+
+def reference_logprobs(plain, ref, r: Rollouts, rows, mask_id: int, cfg: RLRecipe, calls: int) -> torch.Tensor:
     """Row log-probs under the frozen reference: the initial model, or (LoRA) the adapters switched off."""
     if ref is not None:
-        return token_logprobs(ref, r, rows, mask_id, cfg.rl.row_batch_size)
+        return evened_logprobs(ref, r, rows, mask_id, cfg.rl.row_batch_size, calls)
     with plain.disable_adapter():
-        return token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size)
+        return evened_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size, calls)
 
 
 def average_gradients(model: torch.nn.Module, world: int) -> None:
-    """Mean of the gradients over processes (each process's loss is its own token mean)."""
+    """Mean of the gradients over processes (each divides its loss by its share of the global count)."""
     if world == 1:
         return
     import torch.distributed as dist
@@ -282,12 +313,26 @@ def average_gradients(model: torch.nn.Module, world: int) -> None:
             p.grad /= world
 
 
+def loss_share(acc: Accelerator, trainable: torch.Tensor, cfg: RLRecipe, step_map: torch.Tensor) -> float | None:
+    """This process's divisor of the policy loss: the global batch's count (tokens, rollouts or
+    steps, as ``rl.norm`` says) over the number of processes, whose gradients are averaged — so N
+    processes train as one process would on the whole global batch, however unevenly their
+    rollouts ended. ``None`` in one process (the batch's own count)."""
+    world = acc.num_processes
+    if world == 1:
+        return None
+    if cfg.rl.norm == "none":
+        return 1.0 / world
+    local = torch.tensor([loss_count(trainable, cfg.rl.norm, step_map)], device=acc.device, dtype=torch.float64)
+    total = float(acc.reduce(local, reduction="sum"))
+    return max(total, 1.0) / world
+
+
 def main(cfg: RLRecipe) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.train.output_dir)
-    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu_ranks or None)
+    acc = make_accelerator(mixed_precision=cfg.train.mixed_precision)  # DDP or FSDP2: the accelerate config says
+    check_engine(acc, cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.seed)
@@ -301,8 +346,26 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
             lock.release()
 
 
+def check_engine(acc: Accelerator, cfg: RLRecipe) -> None:
+    """dlm rl trains on one process, DDP or FSDP2; refuse what it does not run."""
+    engine = engine_name(acc)
+    if engine == "deepspeed":
+        raise ConfigError(
+            "dlm rl does not run under DeepSpeed yet (rollouts need whole weights on every process); "
+            "launch it with recipes/accelerate/fsdp2.yaml (sharded) or ddp.yaml"
+        )
+    if engine == "fsdp1":
+        raise ConfigError("dlm rl shards with FSDP2 only: set fsdp_version: 2 (recipes/accelerate/fsdp2.yaml)")
+    if is_sharded(acc) and cfg.lora.enabled:
+        raise ConfigError(
+            "LoRA RL (lora.r > 0) runs on one process or DDP (the frozen base is not trained, so sharding "
+            "saves little); launch it with recipes/accelerate/ddp.yaml, or set lora.r=0 for sharded RL"
+        )
+
+
 def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any]:
-    expected = expected_files(False, lora=cfg.lora.enabled)
+    sharded = engine_name(acc) if is_sharded(acc) else None
+    expected = expected_files(False, lora=cfg.lora.enabled, sharded=sharded, world=acc.num_processes)
     global_batch = cfg.rl.prompts_per_step * cfg.rl.group_size * acc.num_processes
     resume_from, _ = open_resume(acc, cfg, out, expected, global_batch)
     from dlm.loading import load as load_model
@@ -336,7 +399,9 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
         optimizer, warmup_cosine(cfg.optim.warmup_steps, steps_total, cfg.optim.min_lr_ratio)
     )
     model, optimizer = acc.prepare(model, optimizer)
-    plain = acc.unwrap_model(model)
+    plain = acc.unwrap_model(model)  # FSDP2 shards in place: there the plain model is the sharded one
+    if ref is not None:
+        ref = shard_frozen(ref, acc)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
@@ -360,8 +425,12 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def held_out() -> float:
+        with torch.no_grad(), gathered(plain, acc):  # every process decodes the same prompts
+            return held_out_reward(plain, tok, cfg, acc.device, decode_settings)
+
     if start == 0:
-        write({"step": 0, "held_out_reward": held_out_reward(plain, tok, cfg, acc.device, decode_settings)})
+        write({"step": 0, "held_out_reward": held_out()})
     bar = tqdm(range(start, cfg.train.max_steps), desc="dlm rl", disable=not acc.is_main_process, initial=start)
     for step in bar:
         n = cfg.rl.prompts_per_step
@@ -372,7 +441,9 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
         prompts = [e["prompt"] for e in expanded]
         ids, pad = (t.to(acc.device) for t in encode_prompts(tok, prompts, cfg.rl.system_prompt))
         plain.eval()
-        with torch.no_grad():  # one generator per prompt group: N processes sample what one process would
+        # one generator per prompt group: N processes sample what one process would; a sharded model
+        # is gathered first, as each process decodes its own prompts for as many steps as they take
+        with torch.no_grad(), gathered(plain, acc):
             rollout = decode_groups(decoder, plain, ids, pad, cfg, step, rank * n, n)
         texts, lengths = completions_of(tok, rollout.generated)
         rewards, parts = combine(dict(cfg.rl.rewards), prompts, texts, **fields_of(expanded))
@@ -386,7 +457,8 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
         if not cfg.rl.loss_after_eos:
             trainable &= ~after_first_eos(r.tokens, r.prompt_length, tok.eos_token_id)
         stats = {"clip_fraction": 0.0, "kl": 0.0, "loss": 0.0}
-        if bool(trainable.any()):
+        # every process updates when any has something to train (gradients are averaged collectively)
+        if most_across(acc, int(trainable.any())):
             block = block_causal_size(plain)
             # trajectory rows are fixed by the rollout; one_step / coupled draw new masks for every
             # inner update (diffu-GRPO), and the old / reference log-probs are those of each draw
@@ -395,17 +467,23 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
                 make_rows(cfg, r, mask_id, block, step, rank * n, n, i)
                 for i in range(cfg.rl.inner_updates if fresh else 1)
             ]
+            # sharded forwards are collective: every process makes as many as the busiest one
+            calls = [most_across(acc, row_forwards(rows, cfg.rl.row_batch_size)) for rows in draws]
+            batch = cfg.rl.row_batch_size
             with torch.no_grad(), acc.autocast():  # the reference under the policy's precision
-                olds = [token_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size) for rows in draws]
+                olds = [evened_logprobs(plain, r, rows, mask_id, batch, c) for rows, c in zip(draws, calls)]
                 refs = [
-                    reference_logprobs(plain, ref, r, rows, mask_id, cfg) if cfg.rl.beta > 0 else None for rows in draws
+                    reference_logprobs(plain, ref, r, rows, mask_id, cfg, c) if cfg.rl.beta > 0 else None
+                    for rows, c in zip(draws, calls)
                 ]
+            share = loss_share(acc, trainable, cfg, r.step_map)
             plain.train()
             for i in range(cfg.rl.inner_updates):
                 k = i if fresh else 0
-                # the unwrapped model runs every row batch; gradients are averaged across processes below
+                # DDP: the unwrapped model runs every row batch, gradients are averaged below;
+                # FSDP2: the sharded model reduce-scatters the mean gradient in the backward
                 with acc.autocast():
-                    new = token_logprobs(plain, r, draws[k], mask_id, cfg.rl.row_batch_size)
+                    new = evened_logprobs(plain, r, draws[k], mask_id, batch, calls[k])
                 res = policy_loss(
                     new,
                     olds[k],
@@ -417,9 +495,11 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
                     cfg.rl.beta,
                     cfg.rl.norm,
                     r.step_map,
+                    share,
                 )
                 acc.backward(res.loss)
-                average_gradients(plain, world)
+                if sharded is None:
+                    average_gradients(plain, world)
                 if cfg.optim.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
@@ -455,7 +535,7 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
             **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},
         }
         if (step + 1) % cfg.rl.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            record["held_out_reward"] = held_out_reward(plain, tok, cfg, acc.device, decode_settings)
+            record["held_out_reward"] = held_out()
         write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
@@ -465,13 +545,15 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
             )
     acc.wait_for_everyone()
     final = None
-    if acc.is_main_process:
+    if sharded is not None:  # every process takes part in gathering the full state dict
+        final = export_final(out / "final", plain, tok, None, acc)
+    elif acc.is_main_process:
         if cfg.lora.enabled:  # the adapter alone, then the merged model every dlm tool loads
             export_final(out / "adapter", plain, tok, None)
             plain = plain.merge_and_unload()
         final = export_final(out / "final", plain, tok, None)
-        if cfg.train.plot:
-            plot_rewards(log_path, out / "rewards.png")
+    if acc.is_main_process and cfg.train.plot:
+        plot_rewards(log_path, out / "rewards.png")
     held = [h["held_out_reward"] for h in history if "held_out_reward" in h]
     if acc.is_main_process:  # what `dlm rl-compare` tabulates (wall time of this invocation)
         summary = {"recipe": to_dict(cfg), "wall_seconds": round(time.time() - t0, 1), "resumed_at": start}

@@ -42,6 +42,27 @@ class PolicyLoss:
 NORMS = ("token", "sequence", "step", "none")
 
 
+def step_keys(mask: Tensor, step_map: Tensor) -> tuple[Tensor, int]:
+    """One integer per masked token naming its (rollout, decoding step) pair, and the key range."""
+    steps = int(step_map.max()) + 2
+    key = (torch.arange(len(mask), device=mask.device)[:, None] * steps + step_map.clamp(min=-1) + 1)[mask.bool()]
+    return key, len(mask) * steps
+
+
+def loss_count(mask: Tensor, norm: str, step_map: Tensor | None = None) -> float:
+    """What ``norm`` divides this batch's loss by: its tokens (``token``), rollouts (``sequence``),
+    (rollout, step) pairs (``step``), 1 (``none``). Processes that train on one global batch sum
+    their counts, so that N processes reproduce one (``policy_loss(count=...)``)."""
+    if norm == "token":
+        return float(mask.sum())
+    if norm == "sequence":
+        return float(len(mask))
+    if norm == "step":
+        key, _ = step_keys(mask, step_map)
+        return float(len(torch.unique(key)))
+    return 1.0
+
+
 def policy_loss(
     logp_new: Tensor,
     logp_old: Tensor,
@@ -53,6 +74,7 @@ def policy_loss(
     beta: float = 0.0,
     norm: str = "token",
     step_map: Tensor | None = None,
+    count: float | None = None,
 ) -> PolicyLoss:
     """Per-token PPO clip ``−min(ρA, clip(ρ, 1−ε_lo, 1+ε_hi)A)`` (+ ``β`` · k3 KL to a reference).
 
@@ -61,6 +83,11 @@ def policy_loss(
     mean per rollout, then over rollouts), ``step`` (mean over the tokens decoded at each decoding
     step, then over all (rollout, step) pairs — a step that decoded many tokens in parallel counts
     once; needs ``step_map``), ``none`` (sum).
+
+    ``count``: the divisor of the normalisation (default: this batch's own, ``loss_count``, at
+    least 1). A process holding part of a global batch whose gradients are averaged over ``N``
+    processes passes the global count ÷ N: the mean of its gradients is then that of one process
+    holding the whole batch, also when the processes hold different numbers of tokens or steps.
     """
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}; choose one of {', '.join(NORMS)}")
@@ -78,20 +105,18 @@ def policy_loss(
         kl = torch.exp(d) - d - 1  # k3, >= 0
         per_token = per_token + beta * kl
     if norm == "token":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+        total = (per_token * m).sum()
     elif norm == "sequence":
-        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        total = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum()
     elif norm == "step":
-        steps = int(step_map.max()) + 2
-        key = (torch.arange(len(m), device=m.device)[:, None] * steps + step_map.clamp(min=-1) + 1)[mask.bool()]
-        sums = torch.zeros(len(m) * steps, device=m.device, dtype=per_token.dtype).index_add(
-            0, key, per_token[mask.bool()]
-        )
-        counts = torch.zeros(len(m) * steps, device=m.device).index_add(0, key, torch.ones_like(key, dtype=torch.float))
+        key, size = step_keys(mask, step_map)
+        sums = torch.zeros(size, device=m.device, dtype=per_token.dtype).index_add(0, key, per_token[mask.bool()])
+        counts = torch.zeros(size, device=m.device).index_add(0, key, torch.ones_like(key, dtype=torch.float))
         used = counts > 0
-        loss = (sums[used] / counts[used]).mean() if bool(used.any()) else per_token.sum() * 0
+        total = (sums[used] / counts[used]).sum()  # no pair: a zero, still in the graph
     else:
-        loss = (per_token * m).sum()
+        total = (per_token * m).sum()
+    loss = total / (max(loss_count(mask, norm, step_map), 1.0) if count is None else count)
     with torch.no_grad():
         n = m.sum().clamp(min=1)
         is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
