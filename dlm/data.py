@@ -24,6 +24,7 @@ right position.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sysconfig
@@ -80,6 +81,9 @@ class DataConfig:
     """Stream the corpus instead of loading it (for corpora larger than memory)."""
     task_args: dict[str, Any] = field(default_factory=dict)
     """Arguments of a generated task (``dataset: task:NAME``)."""
+    num_proc: int | None = None
+    """Worker processes for tokenising (``datasets.map(num_proc=...)``); the result is cached
+    either way."""
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -88,6 +92,8 @@ class DataConfig:
             raise DataError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
         if self.max_documents is not None and self.max_documents < 2:
             raise DataError(f"data.max_documents={self.max_documents} must be at least 2 (train + validation)")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise DataError(f"data.num_proc={self.num_proc} must be at least 1 (or null: one process)")
 
 
 def stdlib_files(glob: str = "**/*.py") -> list[str]:
@@ -177,6 +183,71 @@ def pack(token_lists: list[list[int]], seq_len: int, eos_id: int) -> Tensor:
         pos += n
     n_rows = len(flat) // seq_len
     return torch.from_numpy(flat[: n_rows * seq_len].reshape(n_rows, seq_len).copy())
+
+
+def pack_column(column, seq_len: int, eos_id: int) -> Tensor:
+    """``pack`` of an arrow list column of token ids, without making Python lists of it."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    values = column.flatten().to_numpy().astype(np.int64)
+    n_docs = len(offsets) - 1
+    flat = np.empty(len(values) + n_docs, dtype=np.int64)
+    eos_at = offsets[1:] + np.arange(n_docs)  # document i's EOS follows its tokens and i earlier EOS
+    is_token = np.ones(len(flat), dtype=bool)
+    is_token[eos_at] = False
+    flat[is_token], flat[eos_at] = values, eos_id
+    n_rows = len(flat) // seq_len
+    return torch.from_numpy(flat[: n_rows * seq_len].reshape(n_rows, seq_len).copy())
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides a tokenizer's ids (its full serialisation)."""
+    import hashlib
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary and added tokens
+        text = json.dumps([sorted(tok.get_vocab().items()), [str(t) for t in tok.all_special_tokens]])
+    return hashlib.sha256(f"{type(tok).__name__}|{text}".encode()).hexdigest()
+
+
+def tokenised_rows(
+    docs, tok: PreTrainedTokenizerBase, column: str, seq_len: int, desc: str, num_proc=None
+) -> tuple[Tensor, bool]:
+    """Packed rows of ``docs[column]``, tokenised through ``datasets.map`` (batched, ``num_proc``
+    workers). The map's fingerprint is the documents' (datasets derives it from the files, the
+    shuffle seed and the selection) and the tokenizer's, so for a corpus datasets keeps on disk
+    (local files, stdlib, the hub) a second run, a resumed run and the other processes — which
+    build their data after the main process — read the cached token ids back instead of
+    tokenising again. (A generated ``task:`` corpus lives in memory: it is tokenised each time.)
+    Returns the rows and whether they were read from the cache."""
+    import os
+    import time
+
+    from datasets.fingerprint import Hasher
+
+    key = Hasher.hash(["dlm-tokenise-1", docs._fingerprint, tokenizer_fingerprint(tok), column])
+
+    def encode(batch):
+        return {"input_ids": tok(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
+
+    started = time.time()
+    ids = docs.map(
+        encode,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc,
+        remove_columns=docs.column_names,
+        new_fingerprint=key,
+        desc=desc,
+    )
+    files = [f["filename"] for f in ids.cache_files]
+    cached = bool(files) and all(os.path.getmtime(f) < started for f in files)  # written before this call
+    return pack_column(ids.data.column("input_ids"), seq_len, tok.eos_token_id), cached
 
 
 def pack_stream(token_lists: Iterator[list[int]], seq_len: int, eos_id: int) -> Iterator[list[int]]:
@@ -357,19 +428,24 @@ def build_data(
                 f"data.text_field={cfg.text_field!r} is not a column of {cfg.dataset!r}; "
                 f"columns: {', '.join(docs.column_names)}"
             )
-        train_texts, val_texts = train_docs[cfg.text_field], val_docs[cfg.text_field]
-    else:
-        train_texts = val_texts = []
-    tok = tokenizer if tokenizer is not None else _make_tokenizer(tok_cfg, train_texts or _chat_texts(train_docs, cfg))
-    tok = prepare_tokenizer(tok, tok_cfg)
+    if tokenizer is None:  # trained on the training text (chat: its prompts and answers)
+        if tok_cfg.name_or_path is not None:
+            texts = []
+        else:
+            texts = train_docs[cfg.text_field] if cfg.format == "text" else _chat_texts(train_docs, cfg)
+        tokenizer = _make_tokenizer(tok_cfg, texts)
+    tok = prepare_tokenizer(tokenizer, tok_cfg)
 
     if cfg.format == "text":
-        train_rows = {
-            "input_ids": pack(tokenize_texts(tok, train_texts, "tokenising train"), cfg.seq_len, tok.eos_token_id)
-        }
-        val_rows = {"input_ids": pack(tokenize_texts(tok, val_texts, "tokenising val"), cfg.seq_len, tok.eos_token_id)}
+        (train_ids, train_hit), (val_ids, val_hit) = (
+            tokenised_rows(part, tok, cfg.text_field, cfg.seq_len, f"tokenising {name}", cfg.num_proc)
+            for part, name in ((train_docs, "train"), (val_docs, "val"))
+        )
+        train_rows, val_rows = {"input_ids": train_ids}, {"input_ids": val_ids}
+        from_cache = train_hit and val_hit
     else:
         train_rows, val_rows = _chat_rows(train_docs, tok, cfg), _chat_rows(val_docs, tok, cfg)
+        from_cache = False
     n_train = train_rows["input_ids"].shape[0]
     if n_train == 0:
         raise DataError(
@@ -387,6 +463,7 @@ def build_data(
         "val_rows": float(val_rows["input_ids"].shape[0]),
         "train_tokens": float(train_rows["input_ids"].numel()),
         "unigram_ppl": unigram_perplexity(train_rows["input_ids"], val_rows["input_ids"], len(tok)),
+        "tokens_from_cache": float(from_cache),
     }
     return DataBundle(tok, TensorSource(train_rows, seed), val_rows, stats)
 

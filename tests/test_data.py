@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from dlm.data import (
     TensorSource,
     build_data,
     chat_row,
+    load_documents,
     pack,
+    pack_column,
     pack_stream,
     stdlib_files,
 )
@@ -31,6 +35,80 @@ def test_pack_puts_eos_between_documents_and_drops_the_tail():
     assert rows.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
     docs = [[1] * 5, [2] * 9, [3] * 2, [4] * 7]
     assert [list(r) for r in pack_stream(iter(docs), 6, 0)] == pack(docs, 6, 0).tolist()
+
+
+def test_pack_column_packs_an_arrow_column_as_pack_packs_lists():
+    import pyarrow as pa
+
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(0, 12, (40,), generator=g)]
+    docs[3] = []  # an empty document still ends in EOS
+    for seq_len in (1, 4, 7, 64, 10_000):
+        chunked = pa.chunked_array([pa.array(docs[:15]), pa.array(docs[15:])])
+        assert torch.equal(pack_column(chunked, seq_len, 0), pack(docs, seq_len, 0))
+    assert pack_column(pa.array([[]] * 0, type=pa.list_(pa.int64())), 4, 0).shape == (0, 4)
+
+
+def tokenise_calls(monkeypatch):
+    """Count the tokenizer calls datasets.map makes (none when it reads its cache)."""
+    from transformers import PreTrainedTokenizerFast
+
+    calls = []
+    original = PreTrainedTokenizerFast.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "__call__", counted)
+    return calls
+
+
+def test_a_second_build_reads_the_tokenised_corpus_from_the_datasets_cache(tmp_path, monkeypatch):
+    import time
+
+    corpus = write_corpus(tmp_path / "c", n_docs=300)
+    cfg = DataConfig(dataset=str(corpus), file_glob="*.txt", seq_len=16, val_fraction=0.1)
+    first = build_data(cfg, TOK, seed=0)
+    tok = first.tokenizer
+    calls = tokenise_calls(monkeypatch)
+    started = time.perf_counter()
+    again = build_data(cfg, TOK, seed=0, tokenizer=tok)  # a resumed run, or another rank after the main one
+    cached = time.perf_counter() - started
+    assert calls == [], "a cache hit must not tokenise"
+    assert (first.stats["tokens_from_cache"], again.stats["tokens_from_cache"]) == (0.0, 1.0)
+    # another process (a rank after the main one, a resumed run) reads the same cache
+    script = (
+        "import sys; from dlm.data import DataConfig, build_data; from dlm.tokenizer import TokenizerConfig; "
+        "from transformers import AutoTokenizer; "
+        f"cfg = DataConfig(dataset={str(corpus)!r}, file_glob='*.txt', seq_len=16, val_fraction=0.1); "
+        f"tok = AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r}); "
+        "print(build_data(cfg, TokenizerConfig(vocab_size=300), 0, tokenizer=tok).stats['tokens_from_cache'])"
+    )
+    tok.save_pretrained(tmp_path / "tok")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "1.0"
+    assert torch.equal(again.train.rows["input_ids"], first.train.rows["input_ids"])
+    assert torch.equal(again.val["input_ids"], first.val["input_ids"])
+
+    # the rows are those of tokenising the documents one by one and packing them
+    def direct(seed, tokenizer):
+        docs = load_documents(cfg).shuffle(seed=seed)
+        texts = docs.select(range(30, len(docs)))["text"]
+        return pack([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], 16, tokenizer.eos_token_id)
+
+    assert torch.equal(first.train.rows["input_ids"], direct(0, tok))
+    # another tokenizer, another seed or edited documents are other fingerprints: tokenised anew
+    other = prepare_tokenizer(train_bpe(load_documents(cfg)["text"][:50], 280), TOK)
+    assert torch.equal(build_data(cfg, TOK, seed=0, tokenizer=other).train.rows["input_ids"], direct(0, other))
+    assert torch.equal(build_data(cfg, TOK, seed=1, tokenizer=tok).train.rows["input_ids"], direct(1, tok))
+    (corpus / "doc_000.txt").write_text("a changed document\n")
+    assert torch.equal(build_data(cfg, TOK, seed=0, tokenizer=tok).train.rows["input_ids"], direct(0, tok))
+    started = time.perf_counter()
+    two = build_data(DataConfig(**{**cfg.__dict__, "num_proc": 2}), TOK, seed=7, tokenizer=tok)  # two workers
+    fresh = time.perf_counter() - started
+    assert torch.equal(two.train.rows["input_ids"], direct(7, tok))
+    assert cached < fresh, (cached, fresh)
 
 
 def test_stdlib_corpus_is_found():

@@ -422,6 +422,7 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
             f"global_batch={global_batch} ({world} process(es) x {micro} x {accum} accum) "
             f"train_rows={int(data.stats.get('train_rows', 0)) or 'streamed'} "
             f"unigram_ppl={data.stats.get('unigram_ppl', float('nan')):.2f}"
+            + (" tokens=cached" if data.stats.get("tokens_from_cache") else "")
         )
 
     def write_log(record: dict) -> None:

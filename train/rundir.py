@@ -39,6 +39,7 @@ MUTABLE = (
     "train.keep_checkpoints",
     "train.log_every",
     "train.resume",
+    "data.num_proc",
     "train.trackers",
     "train.plot",
     "train.num_threads",
