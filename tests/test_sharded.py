@@ -218,3 +218,38 @@ def test_rl_on_two_ranks_trains_what_one_process_trains(sft, tmp_path, engine):
         assert list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")), "an FSDP2 RL checkpoint is sharded"
     else:
         assert (checkpoint / "model.safetensors").is_file()
+
+
+GPU_ENGINES = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="accelerate runs FSDP and DeepSpeed configs on accelerators only"
+)
+
+
+@GPU_ENGINES
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero2.yaml", "zero3.yaml"])
+def test_the_shipped_engine_configs_train_checkpoint_and_resume_on_one_gpu(tmp_path, config):
+    """On a GPU machine: 20 steps of a tiny recipe under each shipped engine config (one process),
+    killed after checkpoint 10 and resumed, end at the losses of the uninterrupted run."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if config.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (pip install deepspeed)")
+    recipe = recipe_file(tmp_path, max_steps=20, save_every=10, eval_every=10)
+
+    def launch(out: Path, env=None):
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
+            "--num_processes", "1", "--mixed_precision", "bf16", str(Path(__file__).parent / "dist_train.py"),
+            str(recipe), f"train.output_dir={out}", "train.mixed_precision=bf16",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})}
+        return subprocess.run(cmd, env=env, timeout=900, check=True)
+
+    launch(tmp_path / "straight")
+    launch(tmp_path / "resumed", env={"DLM_TEST_EXIT_AFTER_SAVE": "10"})
+    launch(tmp_path / "resumed")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert (tmp_path / "resumed" / "final" / "model.safetensors").is_file()
