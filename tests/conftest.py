@@ -92,6 +92,17 @@ def model() -> DLMModel:
     return tiny_model()
 
 
+#: SFT data of the copy task (4 letters × 2) that the RL, guide and bench tests train on
+REPEAT_SFT = {
+    "dataset": "task:repeat",
+    "format": "chat",
+    "task_args": {"period": 4, "repeats": 2},
+    "max_documents": 64,
+    "seq_len": 16,
+    "val_fraction": 0.1,
+}
+
+
 def train_tiny(tmp_path: Path, **sections) -> str:
     """Train a tiny recipe through ``dlm train`` (3 steps unless told) and return its output_dir."""
     import dataclasses

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from conftest import tiny_recipe
+from conftest import REPEAT_SFT, tiny_recipe
 from dlm.cli import main as cli_main
 from dlm.data import DataConfig, build_data
 from dlm.tasks import generate, score
@@ -53,14 +53,7 @@ def test_bench_decode_scores_a_task_on_a_checkpoint(tmp_path):
     cfg = tiny_recipe(
         tmp_path,
         objective="sft",
-        data={
-            "dataset": "task:repeat",
-            "format": "chat",
-            "task_args": {"period": 4, "repeats": 2},
-            "max_documents": 64,
-            "seq_len": 16,
-            "val_fraction": 0.1,
-        },
+        data=REPEAT_SFT,
         sample={"num_samples": 0},
         train={"max_steps": 2, "save_every": 2, "eval_every": 2},
     )

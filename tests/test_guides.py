@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import REPEAT_SFT, tiny_model
 from dlm.decode import build_decoder
 from dlm.decode.blocks import Decoding
 from dlm.decode.guides import build_guide, guide_names
@@ -454,14 +454,7 @@ def test_bench_guide_writes_a_reward_against_nfe_curve(tmp_path, capsys):
     run_dir = train_tiny(
         tmp_path,
         objective="sft",
-        data={
-            "dataset": "task:repeat",
-            "format": "chat",
-            "task_args": {"period": 4, "repeats": 2},
-            "max_documents": 64,
-            "seq_len": 16,
-            "val_fraction": 0.1,
-        },
+        data=REPEAT_SFT,
     )
     out, png = tmp_path / "guide.json", tmp_path / "guide.png"
     argv = ["bench", "guide", "--checkpoint", run_dir, "--task", "repeat", "--task-args", "period=4,repeats=2"]

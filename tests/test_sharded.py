@@ -155,12 +155,11 @@ def test_another_engine_is_refused_on_resume(runs):
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
-    from conftest import train_tiny
+    from conftest import REPEAT_SFT, train_tiny
 
     tmp = tmp_path_factory.mktemp("sft")
-    data = {"dataset": "task:repeat", "format": "chat", "task_args": {"period": 4, "repeats": 2}}
-    data = {**data, "max_documents": 64, "seq_len": 16, "val_fraction": 0.1}
-    return train_tiny(tmp, objective="sft", data=data, train={"max_steps": 60, "save_every": 60, "eval_every": 60})
+    train = {"max_steps": 60, "save_every": 60, "eval_every": 60}
+    return train_tiny(tmp, objective="sft", data=REPEAT_SFT, train=train)
 
 
 #: rollouts of data-dependent length (the threshold rule decodes as many tokens per step as are
