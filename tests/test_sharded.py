@@ -213,10 +213,17 @@ def test_rl_on_two_ranks_trains_what_one_process_trains(sft, tmp_path, engine):
             if key in y:
                 assert x[key] == pytest.approx(y[key], abs=1e-5), key
     checkpoint = tmp_path / "fsdp" / "checkpoint-1"
-    if engine == "fsdp2":
-        assert list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")), "an FSDP2 RL checkpoint is sharded"
-    else:
+    if engine == "ddp":
         assert (checkpoint / "model.safetensors").is_file()
+        return
+    assert list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")), "an FSDP2 RL checkpoint is sharded"
+    # killed after checkpoint 1, the same command resumes there and ends at the same weights, bit for bit
+    resumed = tmp_path / "resumed"
+    rl(sft, resumed, 2, 2, env={**FSDP2, "DLM_TEST_EXIT_AFTER_SAVE": "1"}, train={"save_every": 1})
+    assert not (resumed / "weights.safetensors").exists()
+    rl(sft, resumed, 2, 2, env=FSDP2, train={"save_every": 1})
+    c = load_file(resumed / "weights.safetensors")
+    assert all(torch.equal(c[k], a[k]) for k in a)
 
 
 GPU_ENGINES = pytest.mark.skipif(

@@ -539,7 +539,7 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
         write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
-            state = {"identity": identity(cfg, global_batch)}
+            state = {"identity": identity(cfg, global_batch, engine_name(acc))}
             save_checkpoint(
                 acc, out, step + 1, model, tok, optimizer, scheduler, None, state, cfg.train.keep_checkpoints
             )
