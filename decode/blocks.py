@@ -373,6 +373,7 @@ class Decoding:
             self._close_block()
         return False
 
+    @torch.no_grad()  # decoding never backpropagates: a graph kept per step would hold every activation
     def advance(self, active: Tensor | None = None) -> bool:
         """Run one decoding step; ``active`` ``[B]`` restricts it to some rows (the others keep
         their canvas). Returns False, doing nothing, once decoding is over (see :meth:`ready`)."""

@@ -195,6 +195,7 @@ class Values:
         gen = final_text(dec.x[rows, dec.prompt_length :], dec.eos, dec.mask_id, dec.finished[rows])
         return self.reward(gen, self.prompt_of(rows.cpu()))
 
+    @torch.no_grad()
     def __call__(self, dec: Decoding, rows: Tensor) -> Tensor:
         """``[len(rows)]`` float64 values of the canvases of ``rows`` (indices into the batch)."""
         P = dec.prompt_length

@@ -142,8 +142,9 @@ class EnergyPolicy:
         masked = state.masked & rows[:, None]
         cand_logits = state.logits(rows)[masked]  # [N, V]: the step's own (cached) model call
         cfg, k, N = self.decoder, self.k, cand_logits.shape[0]
-        drawn, logq = sample_categorical(cand_logits.repeat(k, 1), cfg.temperature, generator, cfg.top_k, cfg.top_p)
-        drawn, logq = drawn.view(k, N), logq.view(k, N)
+        # k draws from the one set of logits (not a k-fold copy of them: memory stays one [N, V] at a time)
+        draws = [sample_categorical(cand_logits, cfg.temperature, generator, cfg.top_k, cfg.top_p) for _ in range(k)]
+        drawn, logq = torch.stack([d for d, _ in draws]), torch.stack([q for _, q in draws])  # [k, N]
         sel = rows.nonzero().squeeze(1)  # [R] rows that decode now
         R, T = sel.shape[0], state.x.shape[1]
         slot = torch.cumsum(rows.long(), 0)[masked.nonzero()[:, 0]] - 1  # [N] candidate -> its row among sel
