@@ -182,8 +182,11 @@ def serve(sock_path: str, lane: Path, test_args: list[str], timeout: float = 300
     while True:
         conn, _ = server.accept()
         with conn:
-            args = json.loads(conn.makefile().readline())
-            conn.sendall(f"{_run_selected(args, tests, timeout)}\n".encode())
+            try:
+                args = json.loads(conn.makefile().readline())
+                conn.sendall(f"{_run_selected(args, tests, timeout)}\n".encode())
+            except (BrokenPipeError, ConnectionError, json.JSONDecodeError):
+                pass  # the client went away (cosmic-ray's own timeout): serve the next one
 
 
 def _is_test(arg: str) -> bool:
@@ -225,6 +228,9 @@ def _run_child(args: list[str], timeout: float) -> int:
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                # killed from outside (the kernel's OOM killer): no verdict on this mutant
+                raise RuntimeError(f"a test process was killed by SIGKILL (out of memory?): {args}")
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
         time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
@@ -233,10 +239,24 @@ def _run_child(args: list[str], timeout: float) -> int:
 
 
 def run(sock_path: str, args: list[str]) -> int:
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(sock_path)
-    client.sendall((json.dumps(args) + "\n").encode())
-    return int(client.makefile().readline())
+    """One mutant's test run through the lane's server. Without an answer from the server (it
+    died, or was never up) there is no verdict: rather than exit non-zero — which cosmic-ray would
+    count as a killed mutant — stop the whole session (its process group), leaving the mutant and
+    the rest pending for the next run."""
+    for _ in range(30):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(sock_path)
+            client.sendall((json.dumps(args) + "\n").encode())
+            answer = client.makefile().readline()
+            if answer.strip():
+                return int(answer)
+        except (ConnectionError, FileNotFoundError):
+            pass
+        time.sleep(1.0)
+    print(f"forkserver at {sock_path} does not answer: stopping this mutation session", file=sys.stderr, flush=True)
+    os.killpg(os.getpgid(0), signal.SIGTERM)
+    return 125
 
 
 if __name__ == "__main__":

@@ -138,7 +138,11 @@ def run_module(module: str, lane: Path, sock: Path, work: Path, rerun_survivors:
     if baseline.returncode != 0:
         raise SystemExit(f"{module}: its tests fail without a mutant (exit {baseline.returncode}); fix them first")
     started = time.perf_counter()
-    subprocess.run(["cosmic-ray", "exec", str(config), str(session)], check=True, cwd=lane, capture_output=True)
+    # its own process group: a test client that loses its server stops this session alone (forkserver.run)
+    subprocess.run(
+        ["cosmic-ray", "exec", str(config), str(session)], check=True, cwd=lane, capture_output=True,
+        start_new_session=True,
+    )  # fmt: skip
     clock = work / f"{name}.seconds"  # wall time over every run of this session
     seconds = (float(clock.read_text()) if clock.exists() else 0.0) + time.perf_counter() - started
     clock.write_text(f"{seconds:.0f}")
