@@ -192,6 +192,7 @@ def pack_column(column, seq_len: int, eos_id: int) -> Tensor:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
     offsets = column.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]  # a sliced array's offsets index its parent's values
     values = column.flatten().to_numpy().astype(np.int64)
     n_docs = len(offsets) - 1
     flat = np.empty(len(values) + n_docs, dtype=np.int64)

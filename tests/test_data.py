@@ -47,6 +47,7 @@ def test_pack_column_packs_an_arrow_column_as_pack_packs_lists():
         chunked = pa.chunked_array([pa.array(docs[:15]), pa.array(docs[15:])])
         assert torch.equal(pack_column(chunked, seq_len, 0), pack(docs, seq_len, 0))
     assert pack_column(pa.array([[]] * 0, type=pa.list_(pa.int64())), 4, 0).shape == (0, 4)
+    assert torch.equal(pack_column(pa.array(docs).slice(7, 20), 5, 0), pack(docs[7:27], 5, 0))  # a slice
 
 
 def tokenise_calls(monkeypatch):
