@@ -223,6 +223,7 @@ def _reference_policy_loss(new, old, adv, mask, eps, ref, beta, norm, step_map=N
 def test_policy_loss_and_its_statistics_in_closed_form(norm):
     """Ratios on both sides of the clip range with positive, negative and zero advantages, a KL
     reference, one token left out of the mask and a rollout with no tokens at all."""
+    norm = "".join(list(norm))  # a new string object, as a parsed recipe gives: compared by value
     old = torch.zeros(4, 3)
     new = torch.tensor([[0.5, -0.5, 0.0], [math.log(0.5), 0.0, 0.3], [0.5, -0.5, 0.1], [0.2, 0.2, 0.2]])
     adv = torch.tensor([1.0, -1.0, 0.0, 2.0])
@@ -243,6 +244,30 @@ def test_policy_loss_and_its_statistics_in_closed_form(norm):
     leaf = new.clone().requires_grad_()
     empty = policy_loss(leaf, old, adv, torch.zeros(4, 3, dtype=torch.bool), norm=norm, step_map=steps)
     assert empty.loss.item() == 0.0 and empty.loss.requires_grad  # nothing to learn from, still a graph
+
+
+def test_clip_statistics_defaults_and_one_step_rollouts():
+    """Clipping is counted only where the clip binds (the advantage's side of the range); the
+    defaults are ε = 0.2 both sides, no KL, token norm; an empty batch has zero statistics; rollouts
+    that all decoded in one step are one (rollout, step) pair each."""
+    ratio = torch.tensor([[1.1, 1.3, 0.9, 0.7, 1.3, 0.7, 1.3, 0.7]])
+    signs = torch.tensor([[1.0, 1.0, -1.0, -1.0, 0.0, 0.0, -1.0, 1.0]])  # per-token advantage via one row each
+    new, old = ratio.log().T, torch.zeros(8, 1)  # eight rollouts of one token
+    out = policy_loss(new, old, signs[0], torch.ones(8, 1, dtype=torch.bool), 0.2, 0.2)
+    assert out.clip_fraction == pytest.approx(2 / 8)  # 1.3 with A > 0 and 0.7 with A < 0, nothing else
+    default = policy_loss(new, old, signs[0], torch.ones(8, 1, dtype=torch.bool))
+    explicit = policy_loss(new, old, signs[0], torch.ones(8, 1, dtype=torch.bool), 0.2, 0.2, None, 0.0, "token")
+    assert default.loss.item() == explicit.loss.item() and default.clip_fraction == explicit.clip_fraction
+    with_ref = policy_loss(new, old, signs[0], torch.ones(8, 1, dtype=torch.bool), logp_ref=torch.zeros(8, 1))
+    assert with_ref.loss.item() == default.loss.item() and with_ref.kl == 0.0  # default β = 0: no KL term
+    empty = policy_loss(new, old, signs[0], torch.zeros(8, 1, dtype=torch.bool))
+    assert (empty.clip_fraction, empty.kl, empty.ratio_mean) == (0.0, 0.0, 0.0)
+    one_step = torch.zeros(3, 4, dtype=torch.long)  # every rollout decoded all its tokens at step 0
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    assert loss_count(mask, "step", one_step) == 3.0
+    x = torch.zeros(3, 4, requires_grad=True)
+    policy_loss(x, x.detach(), torch.tensor([1.0, 2.0, 3.0]), mask, norm="step", step_map=one_step).loss.backward()
+    torch.testing.assert_close(x.grad, -torch.tensor([1.0, 2.0, 3.0])[:, None].expand(3, 4) / 12)
 
 
 def test_kl_penalty_is_k3_and_zero_at_the_reference():
@@ -552,13 +577,14 @@ def test_step_normalisation_counts_each_decoding_step_once():
     token = policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="token")
     assert token.loss.item() == pytest.approx(-1 / 5)  # (-3 + 2) / 5 tokens
     with pytest.raises(ValueError, match="norm='step' needs the rollouts' step_map"):
-        policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="step")
+        policy_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, norm="".join(["st", "ep"]))
 
 
 @pytest.mark.parametrize("norm", ["token", "sequence", "step", "none"])
 def test_processes_holding_uneven_parts_of_a_batch_train_as_one_process(norm):
     """Two halves of a batch with different numbers of tokens and steps: each divided by half the
     global count, their mean gradient is the whole batch's (what N averaged processes compute)."""
+    norm = "".join(list(norm))  # a new string object, as a parsed recipe gives: compared by value
     g = torch.Generator().manual_seed(3)
     step_map = torch.tensor([[0, 0, 1, 2], [0, 1, -1, -1], [0, 0, 0, 1], [1, 0, 2, 3]])
     mask = step_map >= 0

@@ -92,6 +92,10 @@ def test_rl_recipe_errors_name_the_fix(sft, tmp_path):
         from_dict(RLRecipe, {"rl": {"init": sft, "group_size": 1}})
     with pytest.raises(ConfigError, match="unknown reward 'acuracy'; known rewards:"):
         from_dict(RLRecipe, {"rl": {"init": sft, "rewards": {"acuracy": 1.0}}})
+    with pytest.raises(ConfigError, match="rl.beta=-0.1 must be >= 0"):
+        from_dict(RLRecipe, {"rl": {"init": sft, "beta": -0.1}})
+    with pytest.raises(ConfigError, match="rl.eps_high=-0.2 must be >= 0"):
+        from_dict(RLRecipe, {"rl": {"init": sft, "eps_high": -0.2}})
     with pytest.raises(ConfigError, match="rl.init is required"):
         from_dict(RLRecipe, {"rl": {}})
     with pytest.raises(ConfigError, match="rl.estimator='grpo'; choose one of coupled, one_step, trajectory"):

@@ -121,6 +121,9 @@ class RLConfig:
         for name in ("prompts_per_step", "inner_updates", "shrink", "row_batch_size", "eval_every", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 1")
+        for name in ("beta", "eps_low", "eps_high"):  # a negative KL weight or clip range means nothing
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 0")
         if self.task_args is None:
             object.__setattr__(self, "task_args", {})
         try:
