@@ -143,3 +143,19 @@ def test_autoregressive_decoder_on_causal_model():
     # greedy continuation is consistent with the model's own next-token argmax
     full = model(out.tokens).logits
     assert torch.equal(full[:, 2:-1].argmax(-1), out.tokens[:, 3:])
+
+
+def test_half_precision_logits_are_sampled_in_float32_and_a_short_last_chunk_is_read():
+    """bf16/fp16 logits give the tokens and log-probs of their float32 values; a vocabulary of 300
+    (an even size, its last 256-column chunk short) samples tokens in that chunk as in the first."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 300, generator=g)
+    for half in (torch.bfloat16, torch.float16):
+        low = logits.to(half)
+        a = sample_categorical(low, 1.0, torch.Generator().manual_seed(1))
+        b = sample_categorical(low.float(), 1.0, torch.Generator().manual_seed(1))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    peaked = torch.full((4, 300), -30.0)
+    peaked[torch.arange(4), torch.tensor([3, 255, 256, 299])] = 30.0  # the mass on one token per row
+    tokens, logp = sample_categorical(peaked, 1.0, torch.Generator().manual_seed(2))
+    assert tokens.tolist() == [3, 255, 256, 299] and torch.allclose(logp, torch.zeros(4, dtype=torch.float64))

@@ -259,6 +259,22 @@ def test_factor_rule_on_an_odd_number_of_positions_and_its_validation():
             build_decoder("confidence", gen_length=4, steps=4, rule="factor", factor=bad)
 
 
+def test_factor_rule_counts_n_plus_one_and_remasking_names_compare_by_value():
+    """(n + 1)(1 − c_(n)) < f, not n(1 − c_(n)): cases where the two disagree; a remasking name
+    from a parsed recipe (a fresh string) picks the same score as the literal."""
+    from dlm.decode.confidence import scores
+
+    conf = torch.tensor([[0.9, 0.6, 0.1], [0.99, 0.98, 0.7]])
+    # row 0: n=2: 3·0.4 = 1.2 no (2·0.4 = 0.8 would pass); row 1: n=3: 4·0.3 = 1.2 no (2·0.3 would pass)
+    assert count_from_rule(conf, torch.ones_like(conf, dtype=torch.bool), "factor", 0.9, 1.0).tolist() == [1, 2]
+    logits, tokens = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)), torch.arange(5)
+    for kind in ("random", "confidence", "margin", "entropy"):
+        fresh = "".join(list(kind))
+        a = scores(logits, tokens, kind, torch.Generator().manual_seed(1))
+        b = scores(logits, tokens, fresh, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_threshold_and_factor_default_to_fast_dllm_values():
     dec = build_decoder("confidence", gen_length=8, rule="threshold")
     assert (dec.threshold, dec.factor) == (0.9, 1.0)
