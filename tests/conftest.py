@@ -120,6 +120,25 @@ def train_tiny(tmp_path: Path, **sections) -> str:
     return cfg.train.output_dir
 
 
+def exit_after_save(loop_module) -> None:
+    """``DLM_TEST_EXIT_AFTER_SAVE=N`` (for the dist_*.py scripts): every process exits once the
+    loop's checkpoint N is complete, as a run killed there would."""
+    import os
+
+    exit_after = os.environ.get("DLM_TEST_EXIT_AFTER_SAVE")
+    if exit_after is None:
+        return
+    real_save = loop_module.save_checkpoint
+
+    def save_then_exit(accelerator, out, step, *args):
+        path = real_save(accelerator, out, step, *args)
+        if step == int(exit_after):
+            os._exit(0)
+        return path
+
+    loop_module.save_checkpoint = save_then_exit
+
+
 def run_script(script: str, *args: str, processes: int = 1, env: dict | None = None, check: bool = True):
     """Run ``tests/<script>`` with ``args``: plainly, or under torchrun with ``processes`` gloo ranks
     (one thread each, the repository importable, ``env`` added), failing the test if it fails

@@ -4,25 +4,15 @@ An optional fifth argument (JSON) is merged into the recipe's sections.
 ``DLM_TEST_EXIT_AFTER_SAVE=N``: every rank exits once checkpoint N is complete (a run killed there)."""
 
 import json
-import os
 import shutil
 import sys
 
+from conftest import exit_after_save
 from dlm.config import from_dict
 from dlm.train.rl import loop
 from dlm.train.rl.loop import RLRecipe, main
 
-exit_after = os.environ.get("DLM_TEST_EXIT_AFTER_SAVE")
-if exit_after is not None:
-    real_save = loop.save_checkpoint
-
-    def save_then_exit(acc, out, step, *args):
-        path = real_save(acc, out, step, *args)
-        if step == int(exit_after):
-            os._exit(0)
-        return path
-
-    loop.save_checkpoint = save_then_exit
+exit_after_save(loop)
 
 sft, out, per_rank, estimator = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}

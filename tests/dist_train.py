@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import dlm  # noqa: F401
+from conftest import exit_after_save
 from dlm.config import load_recipe
 from dlm.train import checkpoint, loop
 from dlm.train.loop import main
@@ -27,17 +28,7 @@ if __name__ == "__main__":
                 os._exit(17)
 
         checkpoint._save_sharded = save_then_die
-    exit_after = os.environ.get("DLM_TEST_EXIT_AFTER_SAVE")
-    if exit_after is not None:
-        real_save = loop.save_checkpoint
-
-        def save_then_exit(accelerator, out, step, *args):
-            path = real_save(accelerator, out, step, *args)
-            if step == int(exit_after):
-                os._exit(0)
-            return path
-
-        loop.save_checkpoint = save_then_exit
+    exit_after_save(loop)
     cfg = load_recipe(sys.argv[1], sys.argv[2:])
     result = main(cfg)
     rank = int(os.environ.get("RANK", "0"))  # the process group is closed when training ends

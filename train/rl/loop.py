@@ -282,7 +282,9 @@ def evened_logprobs(model, r: Rollouts, rows: Rows, mask_id: int, batch_size: in
     takes part in the backward (whose reduce-scatters are collective too)."""
     out = token_logprobs(model, r, rows, mask_id, batch_size)
     extra = calls - row_forwards(rows, batch_size)
-    if extra > 0 and rows.inputs.shape[0] == 0:
+    if extra <= 0:
+        return out
+    if rows.inputs.shape[0] == 0:
         raise ValueError("evened_logprobs: extra forwards need at least one row to repeat")
     first = dataclasses.replace(
         rows,
