@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from dlm.decode.caches import CACHES, Runner, check_cache, make_runner
 from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, resolve_mask_token_id
 from dlm.decode.sampling import sample_categorical
+from dlm.model.modeling import supports_output_mask
 from dlm.schedules import build_schedule
 
 
@@ -337,7 +338,7 @@ class Decoding:
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         pad = left_pad_mask(prompt_ids, attention_mask, G)
         rows = B // shared * (2 if cfg.cfg_scale > 0 else 1)
-        block_only = bool(getattr(model, "supports_output_mask", False))
+        block_only = supports_output_mask(model)
         runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only)
         self.logits = Logits(pad, mask_id, cfg, P, runner, shared)
         self.logits.reset(B, device)

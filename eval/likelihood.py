@@ -26,6 +26,7 @@ from itertools import combinations
 import torch
 from torch import Tensor, nn
 
+from dlm.model.modeling import supports_output_mask
 from dlm.train.objectives import logits_of, subs_log_probs
 from dlm.train.objectives.exact_count import stratified_counts
 
@@ -80,7 +81,7 @@ def _score_rows(model: nn.Module, rows: list[tuple[Tensor, Tensor, Tensor]], mas
         ids[i, T - n :], tgt[i, T - n :], msk[i, T - n :], pad[i, T - n :] = x, y, m, 1
     ids, tgt, msk, pad = ids.to(device), tgt.to(device), msk.to(device), pad.to(device)
     kwargs = {} if bool(pad.all()) else {"attention_mask": pad}
-    if getattr(model, "supports_output_mask", False):
+    if supports_output_mask(model):
         logits = logits_of(model(input_ids=ids, output_mask=msk, **kwargs))  # [N, V]
         logp = subs_log_probs(logits, mask_id).gather(-1, tgt[msk][:, None]).squeeze(-1)
     else:

@@ -254,6 +254,31 @@ def test_ar_loss_is_next_token_cross_entropy_in_causal_mode():
     torch.testing.assert_close(next_token_nll(logits, x).sum(), ref)
 
 
+def test_objectives_read_a_shifted_model_through_the_engines_wrapper():
+    """The training loop hands objectives the prepared model (DDP, DeepSpeed or compiled wrapper),
+    which does not forward ``config``: a shifted model must still be scored as shifted."""
+    from dlm.model.modeling import is_shifted, supports_output_mask, unwrapped
+
+    model = tiny_model(logits_shift=True)
+    x = torch.randint(0, 63, (3, 12))
+    bare = build_objective("ar").loss(model, {"input_ids": x}, {}).total
+
+    class DeepSpeedEngine(nn.Module):  # deepspeed's wrapper, matched by name (deepspeed is optional)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    wrappers = [nn.DataParallel(model), DeepSpeedEngine(model), torch.compile(model), DeepSpeedEngine(torch.compile(model))]
+    assert not hasattr(wrappers[0], "config") and not hasattr(wrappers[1], "config")  # what the bug was
+    for wrapped in wrappers:
+        assert unwrapped(wrapped) is model and is_shifted(wrapped) and supports_output_mask(wrapped)
+    torch.testing.assert_close(build_objective("ar").loss(wrappers[0], {"input_ids": x}, {}).total, bare)
+    assert unwrapped(model) is model and not is_shifted(tiny_model())
+
+
 def test_unknown_objective_lists_known():
     from dlm.config import ConfigError
 

@@ -130,10 +130,31 @@ def flex_block_mask(mask: Tensor | None, is_causal: bool, q_len: int, kv_len: in
     )
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside an engine's wrapper — DDP and DeepSpeed hold it as ``.module``,
+    ``torch.compile`` as ``._orig_mod`` — which is where its config and capabilities are read:
+    a wrapper does not forward attribute reads, so a DDP-wrapped shifted model would otherwise
+    read as unshifted. peft models forward them, and FSDP2 shards in place: both are returned as is."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "DeepSpeedEngine":  # named, not imported: deepspeed is optional
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper
+            model = model._orig_mod
+        else:
+            return model
+
+
 def is_shifted(model: nn.Module) -> bool:
     """The model returns at position ``i`` the distribution of token ``i`` computed from hidden
     state ``i − 1`` (``config.logits_shift``: Dream, converted and adapted AR checkpoints)."""
-    return bool(getattr(getattr(model, "config", None), "logits_shift", False))
+    return bool(getattr(getattr(unwrapped(model), "config", None), "logits_shift", False))
+
+
+def supports_output_mask(model: nn.Module) -> bool:
+    """The model computes the LM head only at the positions ``output_mask`` names (dlm's own)."""
+    return bool(getattr(unwrapped(model), "supports_output_mask", False))
 
 
 def next_token_logits(logits_BTV: Tensor, shifted: bool) -> Tensor:

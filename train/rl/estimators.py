@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.model.masks import bd3lm_matrix
+from dlm.model.modeling import supports_output_mask
 from dlm.registry import Registry
 from dlm.train.objectives import logits_of, paired_logits_from, subs_log_probs
 
@@ -267,7 +268,7 @@ def token_logprobs(model: nn.Module, r: Rollouts, rows: Rows, mask_id: int, batc
     """
     B, T = r.tokens.shape
     out = torch.zeros(B, T, dtype=torch.float32, device=r.tokens.device)
-    dlm_model = getattr(model, "supports_output_mask", False)
+    dlm_model = supports_output_mask(model)
     tokens, _, _ = _aligned(r, mask_id, rows.offset)
     pad = r.pad if r.pad is not None else (torch.ones_like(r.tokens) if rows.offset else None)
     if pad is not None and rows.offset:
