@@ -306,18 +306,6 @@ def reference_logprobs(plain, ref, r: Rollouts, rows, mask_id: int, cfg: RLRecip
         return evened_logprobs(plain, r, rows, mask_id, cfg.rl.row_batch_size, calls)
 
 
-def average_gradients(model: torch.nn.Module, world: int) -> None:
-    """Mean of the gradients over processes (each divides its loss by its share of the global count)."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
 def loss_share(acc: Accelerator, trainable: torch.Tensor, cfg: RLRecipe, step_map: torch.Tensor) -> float | None:
     """This process's divisor of the policy loss: the global batch's count (tokens, rollouts or
     steps, as ``rl.norm`` says) over the number of processes, whose gradients are averaged — so N
@@ -473,7 +461,10 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
                 for i in range(cfg.rl.inner_updates if fresh else 1)
             ]
             # sharded forwards are collective: every process makes as many as the busiest one
-            calls = [most_across(acc, row_forwards(rows, cfg.rl.row_batch_size)) for rows in draws]
+            # (DDP forwards are local; it only needs every process to make the one backward)
+            calls = [row_forwards(rows, cfg.rl.row_batch_size) for rows in draws]
+            if sharded is not None:
+                calls = [most_across(acc, c) for c in calls]
             batch = cfg.rl.row_batch_size
             with torch.no_grad(), acc.autocast():  # the reference under the policy's precision
                 olds = [evened_logprobs(plain, r, rows, mask_id, batch, c) for rows, c in zip(draws, calls)]
@@ -485,10 +476,10 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
             plain.train()
             for i in range(cfg.rl.inner_updates):
                 k = i if fresh else 0
-                # DDP: the unwrapped model runs every row batch, gradients are averaged below;
-                # FSDP2: the sharded model reduce-scatters the mean gradient in the backward
+                # through the prepared model: its engine averages the gradients in the backward
+                # (DDP all-reduces once after the row batches; FSDP2 reduce-scatters)
                 with acc.autocast():
-                    new = evened_logprobs(plain, r, draws[k], mask_id, batch, calls[k])
+                    new = evened_logprobs(model, r, draws[k], mask_id, batch, calls[k])
                 res = policy_loss(
                     new,
                     olds[k],
@@ -503,8 +494,6 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
                     share,
                 )
                 acc.backward(res.loss)
-                if sharded is None:
-                    average_gradients(plain, world)
                 if cfg.optim.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
