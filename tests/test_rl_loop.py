@@ -472,3 +472,84 @@ def test_rl_refuses_the_engines_it_does_not_run_with_the_fix(sft):
     for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.FSDP):
         check_engine(acc(kind), plain)  # what dlm rl runs on
     check_engine(acc(DistributedType.MULTI_GPU), lora)
+
+
+def chunked_backward_setup(dropout: float):
+    """A LoRA-wrapped tiny model (adapter dropout in train mode), its trajectory rows, and the
+    policy loss of the rollouts as a function of their token log-probs."""
+    from dlm.train.config import LoraConfig
+    from dlm.train.rl.estimators import build_rows, token_logprobs
+    from dlm.train.rl.loss import policy_loss
+
+    base = tiny_model(seed=4)
+    _, r = rollout_batch(base)
+    rows = build_rows("trajectory", r, 63)
+    with torch.no_grad():
+        old = token_logprobs(base, r, rows, 63)
+    model = LoraConfig(r=4, dropout=dropout).wrap(base).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: move off it so the adapters change the log-probs
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    adv = torch.tensor([1.0, -0.5])
+
+    def loss_of(new):
+        return policy_loss(new, old, adv, r.trainable, 0.2, 0.2, old - 0.1, 0.05)
+
+    return model, r, rows, loss_of
+
+
+def test_row_batch_backward_is_the_one_graph_backward_with_the_same_dropout_masks():
+    """RL's loss backpropagates one row batch at a time (a no-grad pass for ∂loss/∂logp, then each
+    batch again): its gradient equals one graph over every batch that saw the same dropout masks,
+    and the update-time loss it reports is that graph's."""
+    from dlm.train.engine import make_accelerator
+    from dlm.train.rl.estimators import token_logprobs
+    from dlm.train.rl.loop import backward_by_row_batch, row_batches
+
+    model, r, rows, loss_of = chunked_backward_setup(dropout=0.5)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert rows.inputs.shape[0] > 4  # several batches of 2
+
+    torch.manual_seed(11)  # the reference: the same forwards in one graph, one backward
+    new = sum(token_logprobs(model, r, part, 63, 2) for part, _ in row_batches(rows, 2, 0))
+    ref = loss_of(new)
+    ref.loss.backward()
+    expected = [p.grad.clone() for p in trained]
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(11)
+    res = backward_by_row_batch(make_accelerator(), model, r, rows, 63, 2, 0, loss_of, local=True)
+    assert res.loss == pytest.approx(float(ref.loss.detach()), rel=1e-6) and res.kl == pytest.approx(ref.kl, rel=1e-6)
+    for got, want in zip((p.grad for p in trained), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert any(float(g.abs().sum()) > 0 for g in expected)
+
+
+def test_row_batch_backward_holds_one_row_batch_of_activations_at_a_time():
+    """What the backward keeps alive: the bytes saved for backward peak at about one row batch's,
+    not at every batch's (the one-graph backward's), so RL's memory does not grow with the rows."""
+    from dlm.train.engine import make_accelerator
+    from dlm.train.rl.loop import backward_by_row_batch
+
+    model, r, rows, loss_of = chunked_backward_setup(dropout=0.0)
+
+    def peak_saved(batch_size: int) -> int:
+        live, peak = [0], [0]
+
+        class Held:
+            def __init__(self, t):
+                self.t, self.n = t, t.numel() * t.element_size()
+                live[0] += self.n
+                peak[0] = max(peak[0], live[0])
+
+            def __del__(self):
+                live[0] -= self.n
+
+        with torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.t):
+            backward_by_row_batch(make_accelerator(), model, r, rows, 63, batch_size, 0, loss_of, local=True)
+        model.zero_grad(set_to_none=True)
+        return peak[0]
+
+    n = rows.inputs.shape[0]
+    one_graph, by_batch = peak_saved(n), peak_saved(2)
+    assert by_batch < one_graph * 3 / n, (by_batch, one_graph, n)

@@ -25,6 +25,7 @@ as many steps as its prompts take) and row forwards are evened out across proces
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -298,6 +299,63 @@ def evened_logprobs(model, r: Rollouts, rows: Rows, mask_id: int, batch_size: in
     return out
 
 
+def row_batches(rows: Rows, batch_size: int, calls: int) -> list[tuple[Rows, bool]]:
+    """``rows`` cut into batches of ``batch_size`` (each with ``True``: it counts), followed by repeats
+    of the first batch (``False``: weight zero) up to ``calls`` batches — see ``evened_logprobs``."""
+    cut = [
+        (dataclasses.replace(rows, **{f: getattr(rows, f)[i : i + batch_size] for f in ROW_FIELDS}), True)
+        for i in range(0, rows.inputs.shape[0], batch_size)
+    ]
+    if len(cut) < calls and not cut:
+        raise ValueError("row_batches: extra forwards need at least one row to repeat")
+    return cut + [(cut[0][0], False)] * (calls - len(cut))
+
+
+ROW_FIELDS = ("inputs", "targets", "weights", "owner")
+
+
+def backward_by_row_batch(acc: Accelerator, model, r: Rollouts, rows: Rows, mask_id: int, batch_size: int,
+                          calls: int, loss_of, local: bool):  # fmt: skip
+    """``loss_of(token log-probs)``'s backward with at most one row batch's graph alive at a time.
+
+    The loss depends on the weights only through the ``[B, T]`` log-probs, a sum of one term per
+    row batch, so its gradient is ``Σ_b J_bᵀ g`` with ``g = ∂loss/∂logp``: a no-grad pass computes
+    the log-probs and ``g``, then each batch is run again and back-propagated with ``g`` as its
+    output gradient. Exact (each batch replays its first pass's RNG state, so dropout draws the same
+    masks) at the cost of one extra no-grad forward per batch — where one batch holds every row,
+    the plain backward. ``local``: gradients are averaged only at the last backward (DDP); a
+    sharded engine reduce-scatters at each one, keeping the gradients sharded. Returns the
+    ``PolicyLoss`` of ``loss_of`` (its ``loss`` detached)."""
+    batches = row_batches(rows, batch_size, calls)
+    if len(batches) <= 1:
+        with acc.autocast():
+            new = evened_logprobs(model, r, rows, mask_id, batch_size, calls)
+        res = loss_of(new)
+        acc.backward(res.loss)
+        return dataclasses.replace(res, loss=res.loss.detach())
+    cuda = acc.device.type == "cuda"
+    states, logp = [], None
+    with torch.no_grad(), acc.autocast():
+        for part, counts in batches:  # a repeated batch is still run: sharded forwards are collective
+            states.append((torch.get_rng_state(), torch.cuda.get_rng_state(acc.device) if cuda else None))
+            scored = token_logprobs(model, r, part, mask_id, batch_size)
+            if counts:
+                logp = scored if logp is None else logp + scored
+    logp = logp.requires_grad_()
+    res = loss_of(logp)
+    (grad,) = torch.autograd.grad(res.loss, logp)
+    for j, ((part, counts), (cpu_state, cuda_state)) in enumerate(zip(batches, states)):
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, acc.device)
+        sync = acc.no_sync(model) if local and j < len(batches) - 1 else contextlib.nullcontext()
+        with sync:
+            with acc.autocast():
+                scored = token_logprobs(model, r, part, mask_id, batch_size)
+            acc.backward((scored * (grad if counts else torch.zeros_like(grad))).sum())
+    return dataclasses.replace(res, loss=res.loss.detach())
+
+
 def reference_logprobs(plain, ref, r: Rollouts, rows, mask_id: int, cfg: RLRecipe, calls: int) -> torch.Tensor:
     """Row log-probs under the frozen reference: the initial model, or (LoRA) the adapters switched off."""
     if ref is not None:
@@ -476,30 +534,37 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
             plain.train()
             for i in range(cfg.rl.inner_updates):
                 k = i if fresh else 0
-                # through the prepared model: its engine averages the gradients in the backward
-                # (DDP all-reduces once after the row batches; FSDP2 reduce-scatters)
-                with acc.autocast():
-                    new = evened_logprobs(model, r, draws[k], mask_id, batch, calls[k])
-                res = policy_loss(
-                    new,
-                    olds[k],
-                    adv.to(new.device),
-                    trainable,
-                    cfg.rl.eps_low,
-                    cfg.rl.eps_high,
-                    refs[k],
-                    cfg.rl.beta,
-                    cfg.rl.norm,
-                    r.step_map,
-                    share,
+                # through the prepared model, whose engine averages the gradients in the backward
+                # (DDP all-reduces once, after the last row batch; FSDP2 reduce-scatters each one)
+                res = backward_by_row_batch(
+                    acc,
+                    model,
+                    r,
+                    draws[k],
+                    mask_id,
+                    batch,
+                    calls[k],
+                    lambda new, k=k: policy_loss(
+                        new,
+                        olds[k],
+                        adv.to(new.device),
+                        trainable,
+                        cfg.rl.eps_low,
+                        cfg.rl.eps_high,
+                        refs[k],
+                        cfg.rl.beta,
+                        cfg.rl.norm,
+                        r.step_map,
+                        share,
+                    ),
+                    local=sharded is None,
                 )
-                acc.backward(res.loss)
                 if cfg.optim.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                stats = {"clip_fraction": res.clip_fraction, "kl": res.kl, "loss": float(res.loss.detach())}
+                stats = {"clip_fraction": res.clip_fraction, "kl": res.kl, "loss": float(res.loss)}
         if cfg.rl.save_rollouts_every and (step + 1) % cfg.rl.save_rollouts_every == 0:
             save_rollouts(rollouts_path, step + 1, rank * n, expanded, texts, rollout, rewards, parts, cfg)
         summary = torch.tensor(
