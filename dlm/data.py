@@ -216,38 +216,42 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(f"{type(tok).__name__}|{text}".encode()).hexdigest()
 
 
-def tokenised_rows(
-    docs, tok: PreTrainedTokenizerBase, column: str, seq_len: int, desc: str, num_proc=None
-) -> tuple[Tensor, bool]:
-    """Packed rows of ``docs[column]``, tokenised through ``datasets.map`` (batched, ``num_proc``
-    workers). The map's fingerprint is the documents' (datasets derives it from the files, the
-    shuffle seed and the selection) and the tokenizer's, so for a corpus datasets keeps on disk
-    (local files, stdlib, the hub) a second run, a resumed run and the other processes — which
-    build their data after the main process — read the cached token ids back instead of
-    tokenising again. (A generated ``task:`` corpus lives in memory: it is tokenised each time.)
-    Returns the rows and whether they were read from the cache."""
+def cached_map(docs, fn, key: list, desc: str, num_proc=None):
+    """``docs.map(fn, batched=True, num_proc=…)`` under a fingerprint of ``key`` and the documents'
+    own (datasets derives it from the files, the shuffle seed and the selection), so that for a
+    corpus datasets keeps on disk (local files, stdlib, the hub) a second run, a resumed run and
+    the other processes — which build their data after the main process — read the result back
+    instead of computing it again. (A generated ``task:`` corpus lives in memory: it is mapped each
+    time.) Returns the mapped dataset and whether it was read from the cache."""
     import os
     import time
 
     from datasets.fingerprint import Hasher
 
-    key = Hasher.hash(["dlm-tokenise-1", docs._fingerprint, tokenizer_fingerprint(tok), column])
-
-    def encode(batch):
-        return {"input_ids": tok(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
-
     started = time.time()
-    ids = docs.map(
-        encode,
+    out = docs.map(
+        fn,
         batched=True,
         batch_size=256,
         num_proc=num_proc,
         remove_columns=docs.column_names,
-        new_fingerprint=key,
+        new_fingerprint=Hasher.hash([*key, docs._fingerprint]),
         desc=desc,
     )
-    files = [f["filename"] for f in ids.cache_files]
-    cached = bool(files) and all(os.path.getmtime(f) < started for f in files)  # written before this call
+    files = [f["filename"] for f in out.cache_files]
+    return out, bool(files) and all(os.path.getmtime(f) < started for f in files)  # written before this call
+
+
+def tokenised_rows(
+    docs, tok: PreTrainedTokenizerBase, column: str, seq_len: int, desc: str, num_proc=None
+) -> tuple[Tensor, bool]:
+    """Packed rows of ``docs[column]``, tokenised through :func:`cached_map` (keyed by the
+    tokenizer and the column). Returns the rows and whether they were read from the cache."""
+
+    def encode(batch):
+        return {"input_ids": tok(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
+
+    ids, cached = cached_map(docs, encode, ["dlm-tokenise-1", tokenizer_fingerprint(tok), column], desc, num_proc)
     return pack_column(ids.data.column("input_ids"), seq_len, tok.eos_token_id), cached
 
 
@@ -445,8 +449,10 @@ def build_data(
         train_rows, val_rows = {"input_ids": train_ids}, {"input_ids": val_ids}
         from_cache = train_hit and val_hit
     else:
-        train_rows, val_rows = _chat_rows(train_docs, tok, cfg), _chat_rows(val_docs, tok, cfg)
-        from_cache = False
+        (train_rows, train_hit), (val_rows, val_hit) = (
+            _chat_rows(part, tok, cfg, f"tokenising {name}") for part, name in ((train_docs, "train"), (val_docs, "val"))
+        )
+        from_cache = train_hit and val_hit
     n_train = train_rows["input_ids"].shape[0]
     if n_train == 0:
         raise DataError(
@@ -495,22 +501,33 @@ def _chat_texts(docs, cfg: DataConfig) -> list[str]:
     return out
 
 
-def _chat_rows(docs, tok: PreTrainedTokenizerBase, cfg: DataConfig) -> dict[str, Tensor]:
-    rows = [chat_row(ex, tok, cfg) for ex in docs]
-    kept = [r for r in rows if r is not None]
-    if len(kept) < len(rows):
+def _chat_rows(docs, tok: PreTrainedTokenizerBase, cfg: DataConfig, desc: str) -> tuple[dict[str, Tensor], bool]:
+    """SFT rows (``input_ids``, ``loss_mask``) of ``docs`` through :func:`cached_map` (keyed by the
+    tokenizer, its chat template, the fields and ``seq_len``), and whether they came from the cache."""
+
+    def encode(batch):
+        rows = [chat_row(dict(zip(batch, values)), tok, cfg) for values in zip(*batch.values())]
+        empty = [0] * cfg.seq_len
+        return {
+            "input_ids": [r[0] if r else empty for r in rows],
+            "loss_mask": [r[1] if r else empty for r in rows],
+            "kept": [r is not None for r in rows],
+        }
+
+    fields = [cfg.messages_field, cfg.prompt_field, cfg.response_field, cfg.seq_len]
+    key = ["dlm-chat-1", tokenizer_fingerprint(tok), str(tok.chat_template), *fields]
+    mapped, cached = cached_map(docs, encode, key, desc, cfg.num_proc)
+    table = mapped.with_format("torch")[:]  # every column as one tensor
+    kept = table["kept"].bool()
+    ids, mask = (table[k].long().reshape(len(kept), cfg.seq_len) for k in ("input_ids", "loss_mask"))
+    if int(kept.sum()) < len(kept):
         log.warning(
             "dropped %d of %d examples whose prompt is longer than data.seq_len=%d",
-            len(rows) - len(kept),
-            len(rows),
+            len(kept) - int(kept.sum()),
+            len(kept),
             cfg.seq_len,
         )
-    if not kept:
-        return {
-            "input_ids": torch.zeros(0, cfg.seq_len, dtype=torch.long),
-            "loss_mask": torch.zeros(0, cfg.seq_len, dtype=torch.long),
-        }
-    return {"input_ids": torch.tensor([r[0] for r in kept]), "loss_mask": torch.tensor([r[1] for r in kept])}
+    return {"input_ids": ids[kept], "loss_mask": mask[kept]}, cached
 
 
 def _build_streaming(

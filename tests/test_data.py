@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -110,6 +111,43 @@ def test_a_second_build_reads_the_tokenised_corpus_from_the_datasets_cache(tmp_p
     fresh = time.perf_counter() - started
     assert torch.equal(two.train.rows["input_ids"], direct(7, tok))
     assert cached < fresh, (cached, fresh)
+
+
+def test_sft_chat_rows_are_read_back_from_the_datasets_cache(tmp_path, tokenizer, monkeypatch):
+    """``format: chat`` rows go through the same fingerprinted ``datasets.map``: a second build (a
+    resumed run, another rank) reads them back without building a row, equal to building each
+    example's row directly (too-long prompts dropped); another seq_len or chat template is mapped anew."""
+    import dlm.data as data
+
+    path = tmp_path / "chat.jsonl"
+    examples = [{"prompt": f"def f{i}(x):" * (1 + 20 * (i % 7 == 0)), "response": f"return x + {i}"} for i in range(40)]
+    path.write_text("\n".join(json.dumps(e) for e in examples))
+    cfg = DataConfig(dataset=str(path), format="chat", seq_len=24, val_fraction=0.1)
+    tok = prepare_tokenizer(copy.deepcopy(tokenizer), TOK)  # the module's tokenizer stays as it is
+    first = build_data(cfg, TOK, 0, tokenizer=tok)
+
+    built = []
+    real = data.chat_row
+    monkeypatch.setattr(data, "chat_row", lambda *a: built.append(1) or real(*a))
+    again = build_data(cfg, TOK, 0, tokenizer=tok)
+    assert built == [] and (first.stats["tokens_from_cache"], again.stats["tokens_from_cache"]) == (0.0, 1.0)
+    for k in ("input_ids", "loss_mask"):
+        assert torch.equal(again.train.rows[k], first.train.rows[k]) and torch.equal(again.val[k], first.val[k])
+
+    def direct(seq_len, tokenizer):
+        docs = load_documents(cfg).shuffle(seed=0).select(range(4, 40))
+        rows = [r for r in (real(ex, tokenizer, DataConfig(**{**cfg.__dict__, "seq_len": seq_len})) for ex in docs) if r]
+        return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+
+    ids, mask = direct(24, tok)
+    assert len(ids) < 36  # some prompts did not fit and were dropped
+    assert torch.equal(first.train.rows["input_ids"], ids) and torch.equal(first.train.rows["loss_mask"], mask)
+    longer = build_data(DataConfig(**{**cfg.__dict__, "seq_len": 32}), TOK, 0, tokenizer=tok)
+    assert longer.stats["tokens_from_cache"] == 0.0 and torch.equal(longer.train.rows["input_ids"], direct(32, tok)[0])
+    templated = copy.deepcopy(tok)
+    templated.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    other = build_data(cfg, TOK, 0, tokenizer=templated)
+    assert other.stats["tokens_from_cache"] == 0.0 and torch.equal(other.train.rows["input_ids"], direct(24, templated)[0])
 
 
 def test_stdlib_corpus_is_found():
