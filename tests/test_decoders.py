@@ -275,6 +275,28 @@ def test_factor_rule_counts_n_plus_one_and_remasking_names_compare_by_value():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_rule_boundaries_are_fast_dllms_and_rule_names_compare_by_value():
+    """At the boundary: a confidence equal to the threshold decodes (Fast-dLLM drops a token only
+    below it), and the factor rule is strict ((n + 1)(1 − c_(n)) = f does not pass). The threshold
+    and factor rules finish a block whatever ``steps`` says, and a rule named by a parsed recipe
+    (a fresh string) decodes as the literal does."""
+    every = torch.ones(1, 3, dtype=torch.bool)
+    assert count_from_rule(torch.tensor([[0.5, 0.5, 0.25]]), every, "threshold", 0.5, 1.0).tolist() == [2]
+    # n = 1: 2 · 0.25 = 0.5 < 0.75; n = 2: 3 · 0.25 = 0.75 is not below 0.75
+    assert count_from_rule(torch.tensor([[0.75, 0.75, 0.5]]), every, "factor", 0.9, 0.75).tolist() == [1]
+    model, prompt = tiny_model(), torch.randint(0, 63, (2, 3), generator=torch.Generator().manual_seed(2))
+    for rule in ("schedule", "threshold", "factor"):
+        outs = [
+            build_decoder("confidence", gen_length=8, steps=steps, block_length=8, rule=name, threshold=0.5,
+                          temperature=0.0, eos_token_id=None)(model, prompt)  # fmt: skip
+            for name, steps in ((rule, 4), ("".join(list(rule)), 4), (rule, 2))  # schedule: 2 per step
+        ]
+        assert torch.equal(outs[0].tokens, outs[1].tokens), rule
+        assert not (outs[2].generated == 63).any(), rule
+        if rule != "schedule":  # the rule, not steps, says how many tokens a step decodes
+            assert torch.equal(outs[0].tokens, outs[2].tokens) and outs[2].model_calls > 2, rule
+
+
 def test_threshold_and_factor_default_to_fast_dllm_values():
     dec = build_decoder("confidence", gen_length=8, rule="threshold")
     assert (dec.threshold, dec.factor) == (0.9, 1.0)

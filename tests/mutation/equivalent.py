@@ -305,6 +305,10 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         ("return logp.gather(-1, tokens_N[:, None]).squeeze(-1).exp()", "return logp.gather(1, tokens_N[:, None]).squeeze(-1).exp()", LAST_DIM),
         ("return (p * logp.clamp(min=-1e30)).sum(dim=-1)  # negative entropy",
          "return (p * logp.clamp(min=- 1e+30)).sum(dim=-1)  # negative entropy", "the same number written differently"),
+        ("return logp.gather(-1, tokens_N[:, None]).squeeze(-1).exp()", "return logp.gather(-1, tokens_N[:, None]).squeeze(+1).exp()", LAST_DIM),
+        ("return (p * logp.clamp(min=-1e30)).sum(dim=-1)  # negative entropy",
+         "return (p * logp.clamp(min=-1e30)).sum(dim=+1)  # negative entropy", LAST_DIM),
+        ("k = ((conf_BT >= threshold) & masked).sum(dim=1)", "k = ((conf_BT >= threshold) * masked).sum(dim=1)", BOOL),
     ],
     "train/ema.py": [
         ("@torch.no_grad()", "", "update() only calls in-place lerp_ on detached shadows: no graph is built either way"),
