@@ -145,6 +145,26 @@ def test_autoregressive_decoder_on_causal_model():
     assert torch.equal(full[:, 2:-1].argmax(-1), out.tokens[:, 3:])
 
 
+def test_sampling_is_shift_invariant_at_any_logit_scale_and_reads_any_weight_layout():
+    """Logits far from zero (an unnormalised head, ±1000) sample the tokens and log-probs of the
+    same logits centred — the weights are exp(logit − max), never exp of a large number — and
+    inverse_cdf gives the same token for weights in any memory layout (transposed, broadcast)."""
+    from dlm.decode.sampling import inverse_cdf
+
+    logits = torch.randn(32, 300, generator=torch.Generator().manual_seed(3))
+    for offset in (1000.0, -1000.0):
+        a = sample_categorical(logits, 1.0, torch.Generator().manual_seed(4))
+        b = sample_categorical(logits + offset, 1.0, torch.Generator().manual_seed(4))
+        assert torch.equal(a[0], b[0]) and torch.isfinite(b[1]).all()
+        torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=0)  # float32 logits near 1000 keep ~1e-4
+    u = torch.rand(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    weights = torch.rand(300, 8, generator=torch.Generator().manual_seed(6))
+    layouts = [weights.t(), torch.ones(8, 1).expand(8, 300), torch.ones(1, 1).expand(8, 300)]
+    for w in layouts:
+        got, want = inverse_cdf(w, u), inverse_cdf(w.contiguous(), u)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_half_precision_logits_are_sampled_in_float32_and_a_short_last_chunk_is_read():
     """bf16/fp16 logits give the tokens and log-probs of their float32 values; a vocabulary of 300
     (an even size, its last 256-column chunk short) samples tokens in that chunk as in the first."""

@@ -20,6 +20,10 @@ STEP_NEG = "aligned/undecoded columns are only ever compared with `>= 0` or `>= 
 MEASURE_ZERO = "a float64 uniform equals the threshold with probability 0"
 UNIQUE_KEY = "KeyError has exactly one argument, so args[-1] is args[0]"
 CLAMP_UNREACHED = "the clamped value cannot reach the bound that changed"
+POW2_CHUNK = (
+    "k·C is a multiple of the chunk size C, a power of two (256) or the whole vocabulary (then k = 0), "
+    "and the offset is below C: `+`, `|` and `^` agree"
+)
 
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "decode/caches.py": [
@@ -267,6 +271,23 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         ("ccdf = chunk.cumsum(dim=-1)", "ccdf = chunk.cumsum(dim=+1)", LAST_DIM),
         *[("CHUNK = 256", f"CHUNK = {v}", "the chunk size only splits the search: any positive size finds the same token")
           for v in ("255", "257", "1")],
+        ("return (k * C + torch.minimum(j, last_positive)).squeeze(1), ccdf[:, -1]",
+         "return (k * C | torch.minimum(j, last_positive)).squeeze(1), ccdf[:, -1]", POW2_CHUNK),
+        ("cols = k * C + torch.arange(C, device=w.device)  # [N, C] the chosen chunk's columns",
+         "cols = k * C ^ torch.arange(C, device=w.device)  # [N, C] the chosen chunk's columns", POW2_CHUNK),
+        ("if top_k is not None and top_k < logits_NV.shape[-1]:", "if top_k is not None and top_k <= logits_NV.shape[-1]:",
+         "top_k = V keeps every logit (none is below the smallest): filtering then changes nothing"),
+        ("drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p",
+         "drop_sorted = cum - torch.softmax(sorted_logits, dim=+1) >= top_p  # mass before this token already >= p", LAST_DIM),
+        *[("inner = w.gather(1, cols.clamp(max=V - 1)).double().masked_fill(cols >= V, 0.0).cumsum(dim=-1)",
+           f"inner = w.gather(1, cols.clamp(max=V - 1)).double().masked_fill(cols >= V, 0.0).cumsum(dim={d})", LAST_DIM)
+          for d in ("+1", "1")],
+        ("chunk = torch.cat([chunk, w[:, K * C :].sum(dim=-1, dtype=torch.float64, keepdim=True)], dim=1)",
+         "chunk = torch.cat([chunk, w[:, K * C :].sum(dim=1, dtype=torch.float64, keepdim=True)], dim=1)", LAST_DIM),
+        ("last_positive = (inner < inner[:, -1:]).sum(dim=-1, keepdim=True)  # guards against rounding at the edge",
+         "last_positive = (inner < inner[:, -1:]).sum(dim=1, keepdim=True)  # guards against rounding at the edge", LAST_DIM),
+        ("if temperature != 1.0:", "if temperature != 0.0:",
+         "temperature 0 returned above, and dividing by a temperature of 1 changes nothing"),
     ],
     "decode/confidence.py": [
         ('if cfg.remasking == "confidence" and plain:  # the sampler\'s log-prob is already the model\'s',
