@@ -110,6 +110,26 @@ def time_truncation(schedule) -> float:
     return ((a[0] - a[1]) / (1 - T_EPS)).item()
 
 
+def test_mdlm_with_a_mask_id_inside_the_vocabulary_and_its_default_noise():
+    """A published checkpoint's mask id is not its last id (LLaDA: 126336 of 126464): tokens above
+    it are ordinary tokens, never counted as masked. By default MDLM's times are antithetic (one
+    per stratum of [ε, 1]) with ε = 1e-3."""
+    model = tiny_model()
+    obj = build_objective("mdlm", mask_token_id=40)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 62, (8, 16), generator=g)
+    x0 = x0 + (x0 >= 40).long()  # every id but the mask's, some above it
+    assert (x0 > 40).any()
+    noise = obj.sample_noise((8, 16), torch.Generator().manual_seed(0))
+    zt, masked = mask_tokens(x0, (1 - obj.schedule.alpha(noise["t"]))[:, None], noise["u"], 40)
+    terms = mdlm_token_losses(model(zt).logits, x0, zt, noise["t"], obj.schedule, 40)
+    assert torch.equal(terms != 0, masked)  # x0 holds no 40: every masked position has a term
+    torch.testing.assert_close(obj.loss(model, {"input_ids": x0}, noise).total, terms.sum())
+    t = noise["t"]
+    strata = ((t - 1e-3) / (1 - 1e-3) * 8).floor().long().sort().values
+    assert torch.equal(strata, torch.arange(8)) and float(t.min()) >= 1e-3 and float(t.max()) <= 1.0
+
+
 @pytest.mark.parametrize("schedule", ["loglinear", "cosine", "polynomial"])
 def test_single_token_nelbo_is_minus_log_p_given_mask(schedule):
     logits = torch.randn(V)

@@ -26,6 +26,17 @@ POW2_CHUNK = (
 )
 
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "train/objectives/mdlm.py": [
+        ("masked = u_BL < p_mask_B1", "masked = u_BL <= p_mask_B1",
+         "they differ only where a float32 uniform equals the masking probability exactly (about 2^-24 per "
+         "token): not observable by a test, and both are the forward process"),
+        *[("nll = -logp.gather(-1, x0[masked][:, None]).squeeze(-1)  # [N]",
+           f"nll = -logp.gather({a}, x0[masked][:, None]).squeeze({b})  # [N]", LAST_DIM)
+          for a, b in (("+1", "-1"), ("-1", "+1"), ("1", "-1"), ("-1", "1"))],
+        ("self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = False",
+         "self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = True",
+         "MDLM's sample_noise does not read for_eval (validation draws its noise as training does)"),
+    ],
     "decode/caches.py": [
         ('if mode == "causal":', 'if mode >= "causal":',
          "reached with 'bidirectional' or 'causal' only (block_causal returned above); 'bidirectional' < 'causal'"),
