@@ -303,6 +303,24 @@ def test_policies_carry_their_row_state_through_a_reindex():
     assert fh.tau.tolist() == [0.2, 0.1, 0.1]
 
 
+def test_a_first_hitting_row_without_masked_positions_keeps_its_time():
+    """A row with nothing to decode this step (held back by a guide's ``active``, or done) keeps its
+    time: the continuous-time chain only moves when a position of that row unmasks."""
+    from dlm.decode.blocks import BlockState
+    from dlm.decode.first_hitting import FirstHittingPolicy
+
+    cfg = build_decoder("first_hitting", gen_length=4, steps=4, tokens_per_call=2)
+    fh = FirstHittingPolicy(cfg)
+    masked = torch.tensor([[True] * 4, [False] * 4, [True, False, False, False]])
+    fh.start_block(masked, 4, None)
+    logits = torch.zeros(3, 4, 8)
+    state = BlockState(torch.zeros(3, 4, dtype=torch.long), 0, masked, 0, 4, lambda rows: logits)
+    decode, _, _ = fh.step(state, torch.Generator().manual_seed(0))
+    assert decode.sum(1).tolist() == [2, 0, 1]
+    assert fh.tau[1] == 1.0 and 0.0 < fh.tau[0] < 1.0 and 0.0 < fh.tau[2] < 1.0
+    assert not torch.isnan(fh.last_times[decode]).any()  # every unmasked position has its hitting time
+
+
 @pytest.mark.parametrize("name", ["best_of_n", "smc", "svdd", "dts", "edlm"])
 def test_guided_decoding_builds_no_autograd_graph(name):
     """Guides drive the decoding loop step by step: every model call (and the energy's) must run

@@ -20,12 +20,36 @@ STEP_NEG = "aligned/undecoded columns are only ever compared with `>= 0` or `>= 
 MEASURE_ZERO = "a float64 uniform equals the threshold with probability 0"
 UNIQUE_KEY = "KeyError has exactly one argument, so args[-1] is args[0]"
 CLAMP_UNREACHED = "the clamped value cannot reach the bound that changed"
+STEPS_BOUND = (
+    "the block loop also stops once no position is masked, and every step unmasks k positions of "
+    "every row that has them, so any bound >= ceil(most / k) ends the block at the same step"
+)
 POW2_CHUNK = (
     "k·C is a multiple of the chunk size C, a power of two (256) or the whole vocabulary (then k = 0), "
     "and the offset is below C: `+`, `|` and `^` agree"
 )
 
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "decode/first_hitting.py": [
+        *[("return -(-most // self.cfg.tokens_per_call)", f"return {m}", STEPS_BOUND)
+          for m in ("-(-most ** self.cfg.tokens_per_call)", "-(-most / self.cfg.tokens_per_call)",
+                    "-(~most // self.cfg.tokens_per_call)", "-(-most * self.cfg.tokens_per_call)")],
+        *[("scores = uniforms(B * Tb, generator, masked.device).view(B, Tb).masked_fill(~masked, -1.0)",
+           f"scores = uniforms(B * Tb, generator, masked.device).view(B, Tb).masked_fill(~masked, {v})",
+           "unmasked positions only need to rank below every uniform in (0, 1): any value <= 0 does")
+          for v in ("- 0.0", "- 2.0")],
+        ("decode = masked & (rank < k)", "decode = masked * (rank < k)", BOOL),
+        ("times = torch.where((rank == j) & masked & active[:, None], self.tau[:, None], times)",
+         "times = torch.where((rank == j) & masked * active[:, None], self.tau[:, None], times)", BOOL),
+        ("times = torch.where((rank == j) & masked & active[:, None], self.tau[:, None], times)",
+         "times = torch.where((rank >= j) & masked & active[:, None], self.tau[:, None], times)",
+         "a decoded position of rank r is last written at j = r either way; later writes land only on "
+         "positions that are not decoded, whose times are never read"),
+        ("tau_next = self.schedule.alpha_inverse(alpha_next).clamp(0.0, 1.0)",
+         "tau_next = self.schedule.alpha_inverse(alpha_next).clamp( -1.0, 1.0)",
+         "alpha_next lies in (alpha(tau), 1), whose inverse is a time above 0 (up to rounding at 1): "
+         + CLAMP_UNREACHED),
+    ],
     "train/objectives/mdlm.py": [
         ("masked = u_BL < p_mask_B1", "masked = u_BL <= p_mask_B1",
          "they differ only where a float32 uniform equals the masking probability exactly (about 2^-24 per "
