@@ -280,3 +280,13 @@ def test_structural_masks_compare_mode_names_by_value():
     assert torch.equal(
         masks.structural_mask(causal, idx[:, None], idx[None, :], None), masks.causal(idx[:, None], idx[None, :])
     )
+
+
+def test_an_unknown_attention_mode_is_an_error_whatever_its_spelling():
+    """Names that sort before, between or after the known modes are refused, never read as one."""
+    from dlm.model.masks import structural_mask
+
+    q = torch.arange(4)[:, None]
+    for mode in ("", "auto", "bidirectional_", "block", "causal2", "zigzag"):
+        with pytest.raises(ValueError, match="choose bidirectional, causal or block_causal"):
+            structural_mask(mode, q, q.T, 2)

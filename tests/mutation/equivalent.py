@@ -30,6 +30,20 @@ POW2_CHUNK = (
 )
 
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "dlm/model/masks.py": [
+        ("return torch.ones_like(q_idx == kv_idx)", "return torch.ones_like(q_idx < kv_idx)",
+         "ones_like reads only the shape and dtype of its argument (both bool, broadcast alike)"),
+        ("block_diagonal = (q_block == kv_block) & (q_clean == kv_clean)",
+         "block_diagonal = (q_block == kv_block) * (q_clean == kv_clean)", BOOL),
+        *[("clean_block_causal = q_clean & kv_clean & (q_block >= kv_block)", f"clean_block_causal = {m}", BOOL)
+          for m in ("q_clean & kv_clean * (q_block >= kv_block)", "q_clean * kv_clean & (q_block >= kv_block)")],
+        ("return block_diagonal | offset_block_causal | clean_block_causal",
+         "return block_diagonal | offset_block_causal ^ clean_block_causal",
+         DISJOINT + " (noisy queries vs clean queries)"),
+        ("return block_diagonal | offset_block_causal | clean_block_causal",
+         "return block_diagonal ^ offset_block_causal | clean_block_causal",
+         DISJOINT + " (queries and keys in one half vs noisy queries on clean keys)"),
+    ],
     "decode/first_hitting.py": [
         *[("return -(-most // self.cfg.tokens_per_call)", f"return {m}", STEPS_BOUND)
           for m in ("-(-most ** self.cfg.tokens_per_call)", "-(-most / self.cfg.tokens_per_call)",
