@@ -101,6 +101,8 @@ class RLConfig:
     norm: str = "token"
     """Loss normalisation: token, sequence (length), step (each decoding step counts once) or none."""
     row_batch_size: int = 32
+    """Log-prob rows per forward. The loss backpropagates one such batch at a time, so this (not the
+    number of rows a step makes) bounds the activations RL holds."""
     eval_every: int = 10
     eval_prompts: int = 32
     save_rollouts_every: int = 10
