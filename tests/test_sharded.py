@@ -191,37 +191,46 @@ def rl(sft, out: Path, per_rank: int, processes: int, env=None, **extra):
     run_script("dist_rl.py", sft, out, per_rank, "trajectory", json.dumps(sections), processes=processes, env=env)
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+LORA = {"lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}}
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp2-lora", "ddp"])
 def test_rl_on_two_ranks_trains_what_one_process_trains(sft, tmp_path, engine):
     """Two ranks whose rollouts end unevenly (other step counts, token counts, row forwards) train
     the weights one process trains on the whole global batch: under FSDP2 (sharded policy and
-    reference, gathered rollouts, evened row forwards) and DDP (the loss divided by each rank's
-    share of the global count)."""
-    rl(sft, tmp_path / "fsdp", 2, 2, env=FSDP2 if engine == "fsdp2" else None, train={"save_every": 1})
-    rl(sft, tmp_path / "one", 4, 1, train={"save_every": 1})
-    calls = [decode_forwards(tmp_path / "fsdp" / f"rollouts-{rank}.jsonl") for rank in (0, 1)]
+    reference — for LoRA the sharded base with its adapters off — gathered rollouts, evened row
+    forwards) and DDP (the loss divided by each rank's share of the global count). A sharded run
+    killed after a checkpoint resumes to the same weights, bit for bit."""
+    extra = {**(LORA if engine.endswith("lora") else {}), "train": {"save_every": 1}}
+    env = FSDP2 if engine.startswith("fsdp2") else None
+    rl(sft, tmp_path / "two", 2, 2, env=env, **extra)
+    rl(sft, tmp_path / "one", 4, 1, **extra)
+    calls = [decode_forwards(tmp_path / "two" / f"rollouts-{rank}.jsonl") for rank in (0, 1)]
     assert calls[0] != calls[1], f"the ranks should decode for different numbers of forwards: {calls}"
-    a, b = (load_file(tmp_path / d / "weights.safetensors") for d in ("fsdp", "one"))
+    a, b = (load_file(tmp_path / d / "weights.safetensors") for d in ("two", "one"))
     initial = load_file(Path(sft) / "final" / "model.safetensors")
     assert any(not torch.equal(b[k], initial[k]) for k in initial)  # the run did update the model
     assert a.keys() == b.keys()
     for k in b:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-    ha, hb = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("fsdp", "one"))
+    ha, hb = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("two", "one"))
     for x, y in zip(ha, hb, strict=True):
         for key in ("held_out_reward", "reward_mean", "completion_length"):
             if key in y:
                 assert x[key] == pytest.approx(y[key], abs=1e-5), key
-    checkpoint = tmp_path / "fsdp" / "checkpoint-1"
+    if "lora" in extra:  # the adapter alone as well as the merged model
+        adapters = [load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("two", "one")]
+        assert adapters[0].keys() == adapters[1].keys() and any("lora_B" in k for k in adapters[0])
+    checkpoint = tmp_path / "two" / "checkpoint-1"
     if engine == "ddp":
         assert (checkpoint / "model.safetensors").is_file()
         return
     assert list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")), "an FSDP2 RL checkpoint is sharded"
     # killed after checkpoint 1, the same command resumes there and ends at the same weights, bit for bit
     resumed = tmp_path / "resumed"
-    rl(sft, resumed, 2, 2, env={**FSDP2, "DLM_TEST_EXIT_AFTER_SAVE": "1"}, train={"save_every": 1})
+    rl(sft, resumed, 2, 2, env={**FSDP2, "DLM_TEST_EXIT_AFTER_SAVE": "1"}, **extra)
     assert not (resumed / "weights.safetensors").exists()
-    rl(sft, resumed, 2, 2, env=FSDP2, train={"save_every": 1})
+    rl(sft, resumed, 2, 2, env=FSDP2, **extra)
     c = load_file(resumed / "weights.safetensors")
     assert all(torch.equal(c[k], a[k]) for k in a)
 

@@ -385,7 +385,7 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.train.output_dir)
     acc = make_accelerator(mixed_precision=cfg.train.mixed_precision)  # DDP or FSDP2: the accelerate config says
-    check_engine(acc, cfg)
+    check_engine(acc)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.seed)
@@ -399,8 +399,8 @@ def main(cfg: RLRecipe) -> dict[str, Any]:
             lock.release()
 
 
-def check_engine(acc: Accelerator, cfg: RLRecipe) -> None:
-    """dlm rl trains on one process, DDP or FSDP2; refuse what it does not run."""
+def check_engine(acc: Accelerator) -> None:
+    """dlm rl trains on one process, DDP or FSDP2 (full or LoRA); refuse what it does not run."""
     engine = engine_name(acc)
     if engine == "deepspeed":
         raise ConfigError(
@@ -409,11 +409,6 @@ def check_engine(acc: Accelerator, cfg: RLRecipe) -> None:
         )
     if engine == "fsdp1":
         raise ConfigError("dlm rl shards with FSDP2 only: set fsdp_version: 2 (recipes/accelerate/fsdp2.yaml)")
-    if is_sharded(acc) and cfg.lora.enabled:
-        raise ConfigError(
-            "LoRA RL (lora.r > 0) runs on one process or DDP (the frozen base is not trained, so sharding "
-            "saves little); launch it with recipes/accelerate/ddp.yaml, or set lora.r=0 for sharded RL"
-        )
 
 
 def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any]:
@@ -606,13 +601,19 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
             )
     acc.wait_for_everyone()
     final = None
-    if sharded is not None:  # every process takes part in gathering the full state dict
+    if sharded is not None and cfg.lora.enabled:
+        state = acc.get_state_dict(model)  # collective: the adapter-wrapped model's full state, on the main process
+        if acc.is_main_process:  # an unsharded copy to export from (the base's size in CPU memory)
+            whole = cfg.lora.wrap(load_model(init, **load)[0])
+            whole.load_state_dict(state)
+            final, plain = export_lora(out, whole, tok)
+    elif sharded is not None:  # every process takes part in gathering the full state dict
         final = export_final(out / "final", plain, tok, None, acc)
     elif acc.is_main_process:
-        if cfg.lora.enabled:  # the adapter alone, then the merged model every dlm tool loads
-            export_final(out / "adapter", plain, tok, None)
-            plain = plain.merge_and_unload()
-        final = export_final(out / "final", plain, tok, None)
+        if cfg.lora.enabled:
+            final, plain = export_lora(out, plain, tok)
+        else:
+            final = export_final(out / "final", plain, tok, None)
     if acc.is_main_process and cfg.train.plot:
         plot_rewards(log_path, out / "rewards.png")
     held = [h["held_out_reward"] for h in history if "held_out_reward" in h]
@@ -624,6 +625,14 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
         f"{held[-1] if held else float('nan'):.4f} | model: {final}"
     )
     return {"history": history, "final": final, "model": plain}
+
+
+def export_lora(out: Path, model, tok):
+    """A LoRA run's exports: the adapter alone (``adapter/``), then the merged model every dlm tool
+    loads (``final/``). Returns the path of ``final/`` and the merged model."""
+    export_final(out / "adapter", model, tok, None)
+    merged = model.merge_and_unload()
+    return export_final(out / "final", merged, tok, None), merged
 
 
 def plot_rewards(log_path: Path, png: Path) -> None:
