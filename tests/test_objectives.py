@@ -235,15 +235,16 @@ def test_sft_never_masks_the_prompt_and_normalises_by_answer_length():
 def test_sft_loss_is_each_rows_answer_normalised_nelbo_averaged_over_rows():
     """With a seeded x0 and noise, on a contextual model: row b's loss is
     Σ_{masked answer l} w(t_b)·(−log p(x0^l | z_t)) / |answer_b|, and the objective's total / count
-    is the mean over rows. Answer lengths differ per row (one row has none) so the per-row
+    is the mean over rows. Answer lengths differ per row (one has one token, one none) so the per-row
     normaliser matters; w(t) = 1/t (loglinear); SUBS gives the mask token no probability."""
     model = tiny_model()
     B, L = 5, 12
     obj = build_objective("sft", mask_token_id=63)
     x0 = torch.randint(0, 63, (B, L), generator=torch.Generator().manual_seed(0))
-    prompt_len = torch.tensor([2, 4, 7, 10, 12])  # answers of 10, 8, 5, 2 and 0 tokens
+    prompt_len = torch.tensor([2, 4, 7, 11, 12])  # answers of 10, 8, 5, 1 and 0 tokens
     answer = torch.arange(L)[None] >= prompt_len[:, None]
     noise = obj.sample_noise((B, L), torch.Generator().manual_seed(1))
+    noise["u"][3, 11] = 0.0  # the one-token answer is masked: its row divides by exactly 1
     out = obj.loss(model, {"input_ids": x0, "loss_mask": answer.long()}, noise)
     t, u = noise["t"], noise["u"]
     per_row = []

@@ -24,15 +24,41 @@ STEPS_BOUND = (
     "the block loop also stops once no position is masked, and every step unmasks k positions of "
     "every row that has them, so any bound >= ceil(most / k) ends the block at the same step"
 )
+METRICS = "LossOutput.metrics is never read (the loop logs the loss and the learning rate)"
 POW2_CHUNK = (
     "k·C is a multiple of the chunk size C, a power of two (256) or the whole vocabulary (then k = 0), "
     "and the offset is below C: `+`, `|` and `^` agree"
 )
 
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "train/objectives/sft.py": [
+        *[('{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},', '{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},'.replace(" / ", f" {op} "), METRICS) for op in ['+', '-', '*', '//', '%', '**', '>>', '<<', '|', '&', '^']],
+        *[('{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},', '{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},'.replace("min=1", m), METRICS) for m in ("min= 2", "min= 0")],
+        ('masked = (noise["u"].to(x0.device) < p_mask) & answer', 'masked = (noise["u"].to(x0.device) < p_mask) * answer', BOOL),
+        ('masked = (noise["u"].to(x0.device) < p_mask) & answer', 'masked = (noise["u"].to(x0.device) <= p_mask) & answer',
+         "they differ only where a float32 uniform equals the masking probability exactly (about 2^-24 per "
+         "token): not observable by a test, and both are the forward process"),
+        *[("nll = -subs_log_probs(logits, self.mask_token_id).gather(-1, x0[masked][:, None]).squeeze(-1)",
+           f"nll = -subs_log_probs(logits, self.mask_token_id).gather({a}, x0[masked][:, None]).squeeze({b})", LAST_DIM)
+          for a, b in (("+1", "-1"), ("-1", "+1"), ("1", "-1"), ("-1", "1"))],
+        *[("answer_len = answer.sum(-1).clamp(min=1).float()  # [B]", f"answer_len = answer.sum({d}).clamp(min=1).float()  # [B]", LAST_DIM)
+          for d in ("+1", "1")],
+        ("answer_len = answer.sum(-1).clamp(min=1).float()  # [B]", "answer_len = answer.sum(-1).clamp(min= 0).float()  # [B]",
+         "a row without answer tokens has no masked position, so its (infinite) weight is never selected"),
+    ],
     "dlm/model/masks.py": [
         ("return torch.ones_like(q_idx == kv_idx)", "return torch.ones_like(q_idx < kv_idx)",
          "ones_like reads only the shape and dtype of its argument (both bool, broadcast alike)"),
+        ("return (kv_idx // block_size) <= (q_idx // block_size)", "return (kv_idx // block_size) <= (q_idx / block_size)",
+         "an integer is <= a real number exactly when it is <= its floor"),
+        *[("return block_diagonal | offset_block_causal | clean_block_causal", f"return {m}", BOOL)
+          for m in ("block_diagonal + offset_block_causal | clean_block_causal",
+                    "block_diagonal | offset_block_causal + clean_block_causal")],
+        *[("offset_block_causal = ~q_clean & kv_clean & (q_block > kv_block)", f"offset_block_causal = {m}", BOOL)
+          for m in ("~q_clean * kv_clean & (q_block > kv_block)", "~q_clean & kv_clean * (q_block > kv_block)")],
+        ("clean_block_causal = q_clean & kv_clean & (q_block >= kv_block)",
+         "clean_block_causal = q_clean & kv_clean & (q_block > kv_block)",
+         "the clean pairs of one block are in block_diagonal already"),
         ("block_diagonal = (q_block == kv_block) & (q_clean == kv_clean)",
          "block_diagonal = (q_block == kv_block) * (q_clean == kv_clean)", BOOL),
         *[("clean_block_causal = q_clean & kv_clean & (q_block >= kv_block)", f"clean_block_causal = {m}", BOOL)
@@ -53,6 +79,22 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
            "unmasked positions only need to rank below every uniform in (0, 1): any value <= 0 does")
           for v in ("- 0.0", "- 2.0")],
         ("decode = masked & (rank < k)", "decode = masked * (rank < k)", BOOL),
+        *[("return -(-most // self.cfg.tokens_per_call)", f"return {m}", STEPS_BOUND)
+          for m in ("-(-most - self.cfg.tokens_per_call)", "-(-most << self.cfg.tokens_per_call)")],
+        ("scores = uniforms(B * Tb, generator, masked.device).view(B, Tb).masked_fill(~masked, -1.0)",
+         "scores = uniforms(B * Tb, generator, masked.device).view(B, Tb).masked_fill(~masked, not 1.0)",
+         "unmasked positions only need to rank below every uniform in (0, 1): any value <= 0 does"),
+        ("times = torch.where((rank == j) & masked & active[:, None], self.tau[:, None], times)",
+         "times = torch.where((rank == j) * masked & active[:, None], self.tau[:, None], times)", BOOL),
+        ("times = torch.where((rank == j) & masked & active[:, None], self.tau[:, None], times)",
+         "times = torch.where((rank == j) & masked + active[:, None], self.tau[:, None], times)",
+         "masked positions rank first, so in an active row (n > j) the rank-j position is masked anyway, "
+         "and in an inactive one masked | False is masked"),
+        ("left = (n - j).clamp(min=1).double()", "left = (n - j).clamp(min= 0).double()",
+         "n - j >= 1 in every active row; an inactive row's tau_next is discarded"),
+        ("tau_next = self.schedule.alpha_inverse(alpha_next).clamp(0.0, 1.0)",
+         "tau_next = self.schedule.alpha_inverse(alpha_next).clamp(0.0, 2.0)",
+         "alpha_next >= alpha(tau), so its inverse is at most tau <= 1: " + CLAMP_UNREACHED),
         ("times = torch.where((rank == j) & masked & active[:, None], self.tau[:, None], times)",
          "times = torch.where((rank == j) & masked * active[:, None], self.tau[:, None], times)", BOOL),
         ("times = torch.where((rank == j) & masked & active[:, None], self.tau[:, None], times)",
