@@ -280,6 +280,10 @@ def test_structural_masks_compare_mode_names_by_value():
     assert torch.equal(
         masks.structural_mask(causal, idx[:, None], idx[None, :], None), masks.causal(idx[:, None], idx[None, :])
     )
+    blocks = "".join(["block_", "causal"])
+    assert torch.equal(
+        masks.structural_mask(blocks, idx[:, None], idx[None, :], 2), masks.block_causal(idx[:, None], idx[None, :], 2)
+    )
 
 
 def test_an_unknown_attention_mode_is_an_error_whatever_its_spelling():

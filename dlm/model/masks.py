@@ -15,10 +15,6 @@ def causal(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     return kv_idx <= q_idx
 
 
-def bidirectional(q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-    return torch.ones_like(q_idx == kv_idx)
-
-
 def block_causal(q_idx: Tensor, kv_idx: Tensor, block_size: int) -> Tensor:
     """A query sees every key of its own block and of all earlier blocks."""
     return (kv_idx // block_size) <= (q_idx // block_size)

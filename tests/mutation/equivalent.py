@@ -47,8 +47,6 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "a row without answer tokens has no masked position, so its (infinite) weight is never selected"),
     ],
     "dlm/model/masks.py": [
-        ("return torch.ones_like(q_idx == kv_idx)", "return torch.ones_like(q_idx < kv_idx)",
-         "ones_like reads only the shape and dtype of its argument (both bool, broadcast alike)"),
         ("return (kv_idx // block_size) <= (q_idx // block_size)", "return (kv_idx // block_size) <= (q_idx / block_size)",
          "an integer is <= a real number exactly when it is <= its floor"),
         *[("return block_diagonal | offset_block_causal | clean_block_causal", f"return {m}", BOOL)
