@@ -19,8 +19,10 @@ prompt group, and each process divides its loss by its share of the global batch
 processes reproduce one process with the same global batch.
 
 Engines (the accelerate config): one process, DDP, or FSDP2 with the policy and the reference
-sharded — rollouts then decode on gathered weights (``engine.gathered``: each process decodes for
-as many steps as its prompts take) and row forwards are evened out across processes.
+sharded (LoRA too: base and adapters sharded together) — rollouts then decode on gathered weights
+(``engine.gathered``: each process decodes for as many steps as its prompts take) and row forwards
+are evened out across processes. The loss backpropagates one row batch at a time
+(``backward_by_row_batch``), so memory is bounded by ``rl.row_batch_size``, not by the step's rows.
 """
 
 from __future__ import annotations
