@@ -280,42 +280,30 @@ def row_forwards(rows: Rows, batch_size: int) -> int:
     return -(-rows.inputs.shape[0] // batch_size)
 
 
-def evened_logprobs(model, r: Rollouts, rows: Rows, mask_id: int, batch_size: int, calls: int) -> torch.Tensor:
-    """``token_logprobs`` making at least ``calls`` model calls: under a sharded engine every process
-    must make as many forwards as the busiest one. The extra calls score the first batch again and
-    add it with weight zero — the output and its gradients are unchanged, and every parameter still
-    takes part in the backward (whose reduce-scatters are collective too)."""
-    out = token_logprobs(model, r, rows, mask_id, batch_size)
-    extra = calls - row_forwards(rows, batch_size)
-    if extra <= 0:
-        return out
-    if rows.inputs.shape[0] == 0:
-        raise ValueError("evened_logprobs: extra forwards need at least one row to repeat")
-    first = dataclasses.replace(
-        rows,
-        inputs=rows.inputs[:batch_size],
-        targets=rows.targets[:batch_size],
-        weights=rows.weights[:batch_size],
-        owner=rows.owner[:batch_size],
-    )
-    for _ in range(extra):
-        out = out + 0.0 * token_logprobs(model, r, first, mask_id, batch_size).sum()
-    return out
+ROW_FIELDS = ("inputs", "targets", "weights", "owner")
 
 
 def row_batches(rows: Rows, batch_size: int, calls: int) -> list[tuple[Rows, bool]]:
-    """``rows`` cut into batches of ``batch_size`` (each with ``True``: it counts), followed by repeats
-    of the first batch (``False``: weight zero) up to ``calls`` batches — see ``evened_logprobs``."""
+    """``rows`` cut into batches of ``batch_size`` (each with ``True``: it counts), then repeats of the
+    first batch (``False``: weight zero) up to ``calls`` batches. Under a sharded engine every process
+    must make as many forwards (and backwards) as the busiest one: the repeats score the first batch
+    again with weight zero, so the output and its gradients are unchanged and every parameter still
+    takes part in each collective."""
     cut = [
         (dataclasses.replace(rows, **{f: getattr(rows, f)[i : i + batch_size] for f in ROW_FIELDS}), True)
         for i in range(0, rows.inputs.shape[0], batch_size)
     ]
-    if len(cut) < calls and not cut:
+    if not cut and calls > 0:
         raise ValueError("row_batches: extra forwards need at least one row to repeat")
     return cut + [(cut[0][0], False)] * (calls - len(cut))
 
 
-ROW_FIELDS = ("inputs", "targets", "weights", "owner")
+def evened_logprobs(model, r: Rollouts, rows: Rows, mask_id: int, batch_size: int, calls: int) -> torch.Tensor:
+    """``token_logprobs`` making at least ``calls`` model calls (see ``row_batches``)."""
+    out = token_logprobs(model, r, rows, mask_id, batch_size)
+    for part, _ in row_batches(rows, batch_size, calls)[row_forwards(rows, batch_size) :]:
+        out = out + 0.0 * token_logprobs(model, r, part, mask_id, batch_size).sum()
+    return out
 
 
 def backward_by_row_batch(acc: Accelerator, model, r: Rollouts, rows: Rows, mask_id: int, batch_size: int,
@@ -333,7 +321,7 @@ def backward_by_row_batch(acc: Accelerator, model, r: Rollouts, rows: Rows, mask
     batches = row_batches(rows, batch_size, calls)
     if len(batches) <= 1:
         with acc.autocast():
-            new = evened_logprobs(model, r, rows, mask_id, batch_size, calls)
+            new = token_logprobs(model, r, rows, mask_id, batch_size)
         res = loss_of(new)
         acc.backward(res.loss)
         return dataclasses.replace(res, loss=res.loss.detach())
