@@ -114,3 +114,32 @@ def test_sharded_parameters_keep_an_fp32_shadow_of_their_local_shard():
     with ema.swapped_in(model):
         assert model.weight.data.tolist() == [[2.0, 3.0], [3.0, 4.0]]  # only the local shard is swapped
     assert model.weight.data.tolist() == [[3.0, 4.0], [3.0, 4.0]]
+
+
+def test_fsdp2_modules_are_resharded_before_the_shadow_reads_their_parameters(monkeypatch):
+    """A root FSDP2 module keeps its parameters gathered after a forward: the EMA reshards every
+    FSDP2 module first (update and both ends of swapped_in), so it reads and writes the local shards."""
+    import torch.distributed.fsdp as fsdp
+
+    events = []
+
+    class Shard(torch.nn.Parameter):
+        def to_local(self):
+            events.append("read")
+            return self.data
+
+    class Sharded(nn.Linear):  # stands in for the class fully_shard() gives a module
+        def reshard(self):
+            events.append("reshard")
+
+    monkeypatch.setattr(fsdp, "FSDPModule", Sharded)
+    model = nn.Sequential(Sharded(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    model[0].weight = Shard(torch.ones(2, 2))
+    ema = EMA(model, 0.5)
+    events.clear()
+    ema.update(model)
+    assert events == ["reshard", "read"]
+    events.clear()
+    with ema.swapped_in(model):
+        assert events == ["reshard", "read"]
+    assert events[2] == "reshard"

@@ -196,6 +196,16 @@ def test_stratified_counts_cover_every_stratum():
     assert torch.equal(torch.bincount(k, minlength=17)[1:], torch.full((16,), 4))
 
 
+def test_the_exact_count_objective_stratifies_its_counts_by_default():
+    """Built without options (as the registry builds it from a recipe that names only the
+    objective) the counts are antithetic: one per stratum of 1..L across the batch."""
+    from dlm.train.objectives.exact_count import ExactCountObjective
+
+    for seed in range(3):
+        k = ExactCountObjective(mask_token_id=0).sample_noise((16, 16), torch.Generator().manual_seed(seed))["k"]
+        assert sorted(k.tolist()) == list(range(1, 17))
+
+
 def test_mask_exactly_masks_k_positions():
     scores = torch.rand(5, 12)
     k = torch.tensor([1, 3, 6, 11, 12])

@@ -24,6 +24,10 @@ STEPS_BOUND = (
     "the block loop also stops once no position is masked, and every step unmasks k positions of "
     "every row that has them, so any bound >= ceil(most / k) ends the block at the same step"
 )
+EXACT_COUNT_CLAMP = (
+    "the times are below 1 exactly (float `% 1.0` is exact; torch.rand < 1) and fl(t·L) < L for t < 1 and "
+    "L < 2^24, so the floor never exceeds L − 1 and the clamp never acts"
+)
 METRICS = "LossOutput.metrics is never read (the loop logs the loss and the learning rate)"
 POW2_CHUNK = (
     "k·C is a multiple of the chunk size C, a power of two (256) or the whole vocabulary (then k = 0), "
@@ -420,7 +424,28 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "return (p * logp.clamp(min=-1e30)).sum(dim=+1)  # negative entropy", LAST_DIM),
         ("k = ((conf_BT >= threshold) & masked).sum(dim=1)", "k = ((conf_BT >= threshold) * masked).sum(dim=1)", BOOL),
     ],
+    "train/objectives/exact_count.py": [
+        *[("return (u * length).floor().long().clamp(max=length - 1) + 1",
+           f"return (u * length).floor().long().clamp(max=length {op} 1) + 1", EXACT_COUNT_CLAMP)
+          for op in ["+", "*", "//", "**", "<<", "|", "^"]],
+        ("return (u * length).floor().long().clamp(max=length - 1) + 1",
+         "return (u * length).floor().long().clamp(max=length - 0) + 1", EXACT_COUNT_CLAMP),
+        *[("nll = -subs_log_probs(logits, self.mask_token_id).gather(-1, x0[masked][:, None]).squeeze(-1)",
+           "nll = -subs_log_probs(logits, self.mask_token_id).gather(-1, x0[masked][:, None]).squeeze(-1)"
+           .replace(a, b), LAST_DIM)
+          for a, b in [("gather(-1", "gather(+1"), ("gather(-1", "gather(1"), ("squeeze(-1)", "squeeze(+1)"),
+                       ("squeeze(-1)", "squeeze(1)")]],
+        ("self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = False",
+         "self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = True",
+         "exact-count noise is the same for training and evaluation: for_eval is not read"),
+    ],
     "train/ema.py": [
         ("@torch.no_grad()", "", "update() only calls in-place lerp_ on detached shadows: no graph is built either way"),
+        ("if shadow.device != value.device:  # the model moved since the EMA was built",
+         "if shadow.device is not value.device:  # the model moved since the EMA was built",
+         "when the devices are equal `.to()` returns the shadow itself: the branch rebinds the same tensor"),
+        ("except ImportError:  # pragma: no cover - torch without FSDP2",
+         "except CosmicRayTestingException:  # pragma: no cover - torch without FSDP2",
+         "the torch the project pins always has FSDP2: the import never fails"),
     ],
 }
