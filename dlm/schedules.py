@@ -45,7 +45,7 @@ class LogLinear:
         return 1 / t
 
     def alpha_inverse(self, a: Tensor) -> Tensor:
-        return (1 - a) / (1 - self.eps)
+        return ((1 - a) / (1 - self.eps)).clamp(0, 1)
 
 
 @SCHEDULES.register("cosine")
@@ -66,7 +66,7 @@ class Cosine:
         return (math.pi / 2) * torch.sin(math.pi * t / 2) / (1 - torch.cos(math.pi * t / 2))
 
     def alpha_inverse(self, a: Tensor) -> Tensor:
-        return (2 / math.pi) * torch.arccos(((a - self.eps) / (1 - self.eps)).clamp(-1, 1))
+        return (2 / math.pi) * torch.arccos(((a - self.eps) / (1 - self.eps)).clamp(0, 1))
 
 
 @SCHEDULES.register("polynomial")
@@ -87,7 +87,7 @@ class Polynomial:
         return self.k / t
 
     def alpha_inverse(self, a: Tensor) -> Tensor:
-        return (1 - a).clamp(min=0) ** (1 / self.k)
+        return (1 - a).clamp(0, 1) ** (1 / self.k)
 
 
 def build_schedule(name: str, **kwargs: Any) -> Schedule:

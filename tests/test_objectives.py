@@ -285,6 +285,22 @@ def test_ar_loss_is_next_token_cross_entropy_in_causal_mode():
     torch.testing.assert_close(next_token_nll(logits, x).sum(), ref)
 
 
+def test_ar_loss_with_a_loss_mask_scores_only_the_answer_tokens():
+    """SFT rows carry a loss_mask over the answer: the AR objective scores the prediction of each
+    answer token (target column l+1 where loss_mask[l+1]) and counts exactly those."""
+    model = tiny_model()
+    x = torch.randint(0, 63, (3, 12))
+    loss_mask = torch.zeros(3, 12, dtype=torch.long)
+    loss_mask[0, 5:] = 1
+    loss_mask[1, 11] = 1  # a one-token answer
+    loss_mask[2, 1:4] = 1
+    out = build_objective("ar").loss(model, {"input_ids": x, "loss_mask": loss_mask}, {})
+    logits = model(x, attn_mode="causal").logits
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+    torch.testing.assert_close(out.total, per_token[loss_mask[:, 1:].bool()].sum())
+    assert out.count.item() == 7 + 1 + 3
+
+
 def test_objectives_read_a_shifted_model_through_the_engines_wrapper():
     """The training loop hands objectives the prepared model (DDP, DeepSpeed or compiled wrapper),
     which does not forward ``config``: a shifted model must still be scored as shifted."""

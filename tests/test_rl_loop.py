@@ -419,8 +419,8 @@ def test_the_rl_loop_passes_norm_and_row_batch_size_and_row_batches_do_not_chang
     assert seen == {"norm": {"sequence"}, "batch_size": {1, 64}}
     initial = load_file(f"{sft}/final/model.safetensors")
     assert any(not torch.equal(finals[0][k], initial[k]) for k in initial)
-    for k in initial:
-        torch.testing.assert_close(finals[0][k], finals[1][k], atol=1e-6, rtol=1e-5)
+    for k in initial:  # the batches sum gradients in another order: Adam turns ~1e-9 into ~1e-6 where a gradient is ~0
+        torch.testing.assert_close(finals[0][k], finals[1][k], atol=1e-5, rtol=1e-5)
 
 
 def test_held_out_reward_is_measured_in_eval_mode(sft, tmp_path, monkeypatch):

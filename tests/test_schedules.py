@@ -35,6 +35,31 @@ def test_alpha_endpoints_and_inverse(name, kw):
     torch.testing.assert_close(sched.alpha_inverse(sched.alpha(t)), t, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name, kw", ALL)
+def test_alpha_inverse_clamps_to_the_time_interval_outside_the_schedules_range(name, kw):
+    """α values a hair outside [α(1), 1] (float rounding in a caller) map to t = 0 or 1, never NaN
+    or a time outside [0, 1]."""
+    sched = build_schedule(name, **kw)
+    low = sched.alpha(torch.ones(1, dtype=torch.float64))
+    assert sched.alpha_inverse(torch.tensor([1.05], dtype=torch.float64)).item() == 0.0
+    assert sched.alpha_inverse(low - 0.05).item() == 1.0
+    assert sched.alpha_inverse(low - 1.5).item() == 1.0  # far outside too (arccos's domain ends at -1)
+
+
+def test_schedules_are_immutable_and_their_defaults_are_the_papers():
+    """A schedule is shared by the objective, the decoders and the likelihoods: it cannot be changed
+    under them. Defaults: ε = 1e-3 (MDLM) and MD4's quadratic k = 2."""
+    import dataclasses
+
+    for name in SCHEDULES.names():
+        sched = build_schedule(name)
+        field = dataclasses.fields(sched)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(sched, field, 0.5)
+    assert build_schedule("loglinear").eps == build_schedule("cosine").eps == 1e-3
+    assert build_schedule("polynomial").alpha(torch.tensor([0.5])).item() == 0.75
+
+
 def test_closed_form_weights():
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     torch.testing.assert_close(build_schedule("loglinear").weight(t), 1 / t)
@@ -62,7 +87,7 @@ def test_times_lie_in_eps_one():
 def test_schedule_errors():
     with pytest.raises(ConfigError, match="known schedules: cosine, loglinear, polynomial"):
         build_schedule("cosin")
-    with pytest.raises(ConfigError, match="has no parameter 'kk'.*Did you mean 'k'"):
+    with pytest.raises(ConfigError, match=r"has no parameter 'kk'; its parameters: k\..*Did you mean 'k'"):
         build_schedule("polynomial", kk=2)
     for name in ("loglinear", "cosine"):
         for eps in (1.5, 1.0, -0.1):

@@ -166,9 +166,16 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "every caller passes lo as the very int object start (prefix/dual) or 0 (full forwards), so `is` and `==` agree"),
     ],
     "dlm/schedules.py": [
-        ("return (2 / math.pi) * torch.arccos(((a - self.eps) / (1 - self.eps)).clamp(-1, 1))",
-         "return (2 / math.pi) * torch.arccos(((a - self.eps) / (1 - self.eps)).clamp(~1, 1))",
-         CLAMP_UNREACHED + ": a in [0, 1] keeps (a − ε)/(1 − ε) above −1"),
+        ("t = (u + torch.arange(n) / n) % 1.0", "t = (u - torch.arange(n) / n) % 1.0",
+         "(u − i/n) mod 1 = (u + (n − i)/n) mod 1: the same n stratified times in another row order, and the "
+         "rows of a batch are exchangeable"),
+        ('raise ConfigError(f"diffusion.schedule: {exc.args[0]}") from None',
+         'raise ConfigError(f"diffusion.schedule: {exc.args[ -1]}") from None', UNIQUE_KEY),
+    ],
+    "train/objectives/ar.py": [
+        ("self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = False",
+         "self, shape: tuple[int, int], generator: torch.Generator, for_eval: bool = True",
+         "the AR objective draws no noise: for_eval is not read"),
     ],
     "train/rl/estimators.py": [
         ("cols = (block_of == j) & (step_map[b] >= 0)", "cols = (block_of == j) * (step_map[b] >= 0)", BOOL),
