@@ -129,11 +129,9 @@ def sample_at(state: BlockState, decode: Tensor, cfg: DecodeConfig, generator) -
     """Tokens and float64 log-probs ``[B, Tb]`` drawn at the ``decode`` positions (zeros elsewhere)."""
     tokens = torch.zeros_like(decode, dtype=torch.long)
     logprobs = torch.zeros(decode.shape, dtype=torch.float64, device=decode.device)
-    rows = decode.any(dim=1)
-    if rows.any():
-        logits = state.logits(rows)
+    if decode.any():  # a step that decodes nothing calls no model (the no-change cache)
         tokens[decode], logprobs[decode] = sample_categorical(
-            logits[decode], cfg.temperature, generator, cfg.top_k, cfg.top_p
+            state.logits(decode), cfg.temperature, generator, cfg.top_k, cfg.top_p
         )
     return tokens, logprobs
 
@@ -143,12 +141,18 @@ def largest_divisor(n: int, at_most: int) -> int:
 
 
 class Logits:
-    """Lazy, cached model evaluation of one block's logits, with per-row NFE accounting.
+    """Lazy, cached model evaluation of one block's candidate logits, with per-row NFE accounting.
 
-    Models that declare ``supports_output_mask`` (dlm's own) compute the LM head only for the
-    block's positions; others return the whole canvas and the block is sliced out. The runner
-    (``decode/caches.py``) decides which columns each call feeds. With ``shared = M > 1`` rows come
-    in groups of M identical canvases: the model runs on the first row of each group.
+    A model call scores the block's *eligible* positions (its masked positions in unfinished
+    rows) and keeps them as ``value`` ``[N, V]`` (float32, SUBS applied), one row per eligible
+    position in row-major order — never a zero-filled ``[B, Tb, V]``. A policy asks for the rows
+    of the positions it needs (``want ⊆ eligible``); asking for all eligible positions returns
+    ``value`` itself, a subset is gathered. The model is called again only when a wanted row
+    changed since the last call (the no-change cache: exact for models without a time input).
+    Models that declare ``supports_output_mask`` (dlm's own) compute the LM head only at those
+    positions; others return the whole canvas and the rows are taken from it. The runner
+    (``decode/caches.py``) decides which columns each call feeds. With ``shared = M > 1`` rows
+    come in groups of M identical canvases: the model runs on the first row of each group.
     """
 
     def __init__(
@@ -163,7 +167,9 @@ class Logits:
         self.pad, self.mask_id, self.cfg, self.prompt_length = pad, mask_id, cfg, prompt_length
         self.runner = runner  # which columns each model call feeds (the KV-cache policy)
         self.shared = shared
-        self.value: Tensor | None = None  # [B, Tb, V] float32 with SUBS applied
+        self.value: Tensor | None = None  # [N, V] float32 with SUBS applied, rows of `where`
+        self.where: Tensor | None = None  # [B, Tb] the positions value holds
+        self.row_of: Tensor | None = None  # [B, Tb] the row of value for each position of `where`
         self.span: tuple[int, int] | None = None  # the block the cached value belongs to
         self.stale: Tensor | None = None  # [B] row changed since the last model call
         self.unseen: Tensor | None = None  # [B] row changed since it last used logits
@@ -176,16 +182,24 @@ class Logits:
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
         self.leader = torch.arange(batch, device=device) % self.shared == 0  # rows whose evaluation counts
 
-    def __call__(self, x: Tensor, start: int, end: int, rows: Tensor) -> Tensor:
-        """Logits ``[B, end - start, V]`` of canvas ``x`` for block ``[start, end)``, used by ``rows`` [B]."""
-        if self.value is None or self.span != (start, end) or bool((self.stale & rows).any()):
-            self.value = self._forward(x, start, end)
+    def __call__(self, x: Tensor, start: int, end: int, eligible: Tensor, want: Tensor) -> Tensor:
+        """Logits ``[n, V]`` of the ``want`` positions (``[B, end - start]``, a subset of ``eligible``)
+        of canvas ``x`` in block ``[start, end)``, in row-major order."""
+        if (
+            self.value is None
+            or self.span != (start, end)
+            or bool(((self.stale[:, None] | ~self.where) & want).any())
+        ):
+            self._forward(x, start, end, eligible)
             self.span = (start, end)
             self.stale.zero_()
             self.calls += 1
+        rows = want.any(dim=1)
         self.nfe += (rows & self.unseen & self.leader).long()
         self.unseen &= ~rows
-        return self.value
+        if want is self.where and self.shared == 1:
+            return self.value
+        return self.value[self.row_of[want]]
 
     def changed(self, rows: Tensor) -> None:
         self.stale |= rows
@@ -195,8 +209,8 @@ class Logits:
         """Rows follow ``index`` (see :meth:`Decoding.reindex`); the runner's rows too."""
         B = self.stale.shape[0]
         index = index.to(self.stale.device)
-        if self.value is not None:
-            self.value = self.value[index]
+        if self.value is not None:  # a copied row reads the copied row's logits
+            self.where, self.row_of = self.where[index], self.row_of[index]
         self.stale, self.unseen = self.stale[index], self.unseen[index]
         if self.pad is not None:
             self.pad = self.pad[index]
@@ -207,16 +221,16 @@ class Logits:
             return  # the runner holds one row per group, which keeps its slot
         self.runner.reindex(torch.cat([index, index + B]) if self.cfg.cfg_scale > 0 else index)
 
-    def _run(self, x: Tensor, pad: Tensor | None, start: int, end: int) -> Tensor:
-        return self.runner(x, pad, start, end, new_block=self.span != (start, end))
+    def _run(self, x: Tensor, pad: Tensor | None, start: int, end: int, wanted: Tensor) -> Tensor:
+        return self.runner(x, pad, start, end, new_block=self.span != (start, end), wanted=wanted)
 
-    def _forward(self, x: Tensor, start: int, end: int) -> Tensor:
-        pad = self.pad
+    def _forward(self, x: Tensor, start: int, end: int, eligible: Tensor) -> None:
+        pad, wanted = self.pad, eligible
         if self.shared > 1:
             groups = x.view(-1, self.shared, x.shape[1])
             if not bool((groups == groups[:, :1]).all()):
                 raise RuntimeError(f"rows of a shared group (shared={self.shared}) differ at a model call")
-            x, pad = x[:: self.shared], None if pad is None else pad[:: self.shared]
+            x, pad, wanted = x[:: self.shared], None if pad is None else pad[:: self.shared], eligible[:: self.shared]
         if self.cfg.cfg_scale > 0:
             uncond = x.clone()
             prompt = torch.zeros_like(x, dtype=torch.bool)
@@ -225,12 +239,14 @@ class Logits:
                 prompt &= pad.bool()
             uncond[prompt] = self.mask_id
             both = None if pad is None else torch.cat([pad, pad])
-            cond, un = self._run(torch.cat([x, uncond]), both, start, end).float().chunk(2)
+            cond, un = self._run(torch.cat([x, uncond]), both, start, end, torch.cat([wanted, wanted])).float().chunk(2)
             logits = un + (self.cfg.cfg_scale + 1) * (cond - un)
         else:
-            logits = self._run(x, pad, start, end).float()
-        logits[..., self.mask_id] = float("-inf")  # SUBS
-        return logits.repeat_interleave(self.shared, dim=0) if self.shared > 1 else logits
+            logits = self._run(x, pad, start, end, wanted).float()
+        logits[:, self.mask_id] = float("-inf")  # SUBS
+        row_of = (wanted.flatten().cumsum(0) - 1).view(wanted.shape)
+        self.value, self.where = logits, eligible
+        self.row_of = row_of.repeat_interleave(self.shared, dim=0) if self.shared > 1 else row_of
 
 
 @dataclass
@@ -242,7 +258,7 @@ class BlockState:
     masked: Tensor  # [B, Tb] eligible masked positions
     step: int  # step index within the block
     steps: int  # step budget of the block
-    logits: Callable[[Tensor], Tensor]  # rows [B] -> block logits [B, Tb, V]
+    logits: Callable[[Tensor], Tensor]  # positions want [B, Tb] (⊆ masked) -> their logits [n, V], row-major
 
 
 class InBlockPolicy(Protocol):
@@ -380,16 +396,18 @@ class Decoding:
         their canvas). Returns False, doing nothing, once decoding is over (see :meth:`ready`)."""
         if not self.ready():
             return False
-        masked = self.masked()
-        self._step(masked if active is None else masked & active[:, None].to(masked.device))
+        eligible = self.masked()
+        self._step(eligible, eligible if active is None else eligible & active[:, None].to(eligible.device))
         return True
 
-    def _step(self, masked: Tensor) -> None:
+    def _step(self, eligible: Tensor, masked: Tensor) -> None:
+        """One step over the ``masked`` positions (``eligible`` restricted to the active rows); a model
+        call scores every ``eligible`` position, so rows that wait this step can reuse it."""
         start, end = self.span
         if masked.any():
             x = self.x
             state = BlockState(
-                x, start, masked, self.step_in_block, self.block_steps, partial(self.logits, x, start, end)
+                x, start, masked, self.step_in_block, self.block_steps, partial(self.logits, x, start, end, eligible)
             )
             decode, tokens, lp = self.policy.step(state, self.generator)
             decode &= masked

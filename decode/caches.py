@@ -68,57 +68,63 @@ def _logits(out) -> Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def scatter_rows(rows_NV: Tensor, where_BT: Tensor) -> Tensor:
-    """Block logits ``[B, Tb, V]`` holding ``rows`` at ``where`` and zeros elsewhere."""
-    out = rows_NV.new_zeros(*where_BT.shape, rows_NV.shape[-1])
-    out[where_BT] = rows_NV
-    return out
-
-
 class Runner:
-    """Computes block logits ``[B, end - start, V]`` for a canvas, feeding what the policy says.
+    """Computes the logits of a block's candidate positions, feeding what the cache policy says.
 
-    dlm models (``block_only``) compute the LM head only at the block's masked columns, the only
-    ones a policy reads; the other rows of the returned block are zeros.
+    A call returns ``[N, V]``: one row per ``True`` of ``wanted`` (``[B, end - start]``, the block's
+    positions a policy may read — its masked positions by default), in row-major order. dlm models
+    (``block_only``) compute the LM head at exactly those columns; others return the whole canvas,
+    from which the rows are taken. Nothing of size ``[B, Tb, V]`` is built.
     """
 
     def __init__(self, model: nn.Module, block_only: bool, mask_id: int):
         self.model, self.block_only, self.mask_id = model, block_only, mask_id
         self.shifted = is_shifted(model)
 
-    def reset(self) -> None:
-        pass
-
     def reindex(self, index: Tensor) -> None:
         """Rows follow ``index`` (row ``i`` becomes row ``index[i]``): the whole-canvas runner keeps no row state."""
 
-    def __call__(self, x: Tensor, pad: Tensor | None, start: int, end: int, new_block: bool) -> Tensor:
-        return self.full(x, pad, start, end)
+    def __call__(
+        self, x: Tensor, pad: Tensor | None, start: int, end: int, new_block: bool, wanted: Tensor | None = None
+    ) -> Tensor:
+        return self.full(x, pad, start, end, self.wanted(x, start, end, wanted))
 
-    def full(self, x: Tensor, pad: Tensor | None, start: int, end: int, cache: KVCache | None = None) -> Tensor:
+    def wanted(self, x: Tensor, start: int, end: int, wanted: Tensor | None) -> Tensor:
+        """The positions to score: ``wanted``, or by default every masked position of the block."""
+        return x[:, start:end] == self.mask_id if wanted is None else wanted
+
+    def full(
+        self, x: Tensor, pad: Tensor | None, start: int, end: int, wanted: Tensor, cache: KVCache | None = None
+    ) -> Tensor:
         """A forward over the whole canvas (writing every column to ``cache`` when given)."""
         if not self.block_only:
             if pad is None:
-                return _logits(self.model(input_ids=x))[:, start:end]
-            return _logits(self.model(input_ids=x, attention_mask=pad))[:, start:end]
-        return self.fed(x, pad, cache, 0, x.shape[1], start, end)
+                return _logits(self.model(input_ids=x))[:, start:end][wanted]
+            return _logits(self.model(input_ids=x, attention_mask=pad))[:, start:end][wanted]
+        return self.fed(x, pad, cache, 0, x.shape[1], start, end, wanted)
 
     def fed(
-        self, x: Tensor, pad: Tensor | None, cache: KVCache | None, lo: int, hi: int, start: int, end: int
+        self,
+        x: Tensor,
+        pad: Tensor | None,
+        cache: KVCache | None,
+        lo: int,
+        hi: int,
+        start: int,
+        end: int,
+        wanted: Tensor,
     ) -> Tensor:
         """Feed the contiguous columns ``[lo, hi)`` (``lo <= start``, ``end <= hi``), over ``cache`` if given;
         a shifted model is also fed column ``start − 1``, whose hidden state scores column ``start``."""
         B = x.shape[0]
         if self.shifted and lo == start > 0:
             lo = start - 1
-        wanted = x[:, start:end] == self.mask_id  # policies read logits of masked columns only
         keep = torch.zeros(B, hi - lo, dtype=torch.bool, device=x.device)
         keep[:, start - lo : end - lo] = wanted
         kw = {}
         if cache is not None:
             kw = {"cache": cache, "cache_slots": torch.arange(lo, hi, device=x.device).expand(B, -1)}
-        out = _logits(self.model(input_ids=x[:, lo:hi], attention_mask=pad, output_mask=keep, **kw))
-        return scatter_rows(out, wanted)
+        return _logits(self.model(input_ids=x[:, lo:hi], attention_mask=pad, output_mask=keep, **kw))
 
 
 class ExactRunner(Runner):
@@ -130,9 +136,9 @@ class ExactRunner(Runner):
     def reindex(self, index: Tensor) -> None:
         self.cache.reindex(index)
 
-    def __call__(self, x, pad, start, end, new_block):
+    def __call__(self, x, pad, start, end, new_block, wanted=None):
         lo = min(self.committed, start)
-        logits = self.fed(x, pad, self.cache, lo, end, start, end)
+        logits = self.fed(x, pad, self.cache, lo, end, start, end, self.wanted(x, start, end, wanted))
         self.committed = start
         return logits
 
@@ -147,10 +153,11 @@ class PrefixRunner(Runner):
     def reindex(self, index: Tensor) -> None:
         self.cache.reindex(index)
 
-    def __call__(self, x, pad, start, end, new_block):
+    def __call__(self, x, pad, start, end, new_block, wanted=None):
+        wanted = self.wanted(x, start, end, wanted)
         if new_block:
-            return self.full(x, pad, start, end, self.cache)
-        return self.fed(x, pad, self.cache, start, end if self.dual else x.shape[1], start, end)
+            return self.full(x, pad, start, end, wanted, self.cache)
+        return self.fed(x, pad, self.cache, start, end if self.dual else x.shape[1], start, end, wanted)
 
 
 class DelayedRunner(Runner):
@@ -165,8 +172,9 @@ class DelayedRunner(Runner):
         if self.seen is not None:
             self.seen = self.seen[index]
 
-    def __call__(self, x, pad, start, end, new_block):
+    def __call__(self, x, pad, start, end, new_block, wanted=None):
         B, T = x.shape
+        wanted = self.wanted(x, start, end, wanted)
         if self.seen is None:
             self.seen = torch.full_like(x, -1)
         stale = (x != self.seen) | (x == self.mask_id)
@@ -178,7 +186,7 @@ class DelayedRunner(Runner):
         refresh = new_block or self.since_refresh >= self.refresh_every
         self.since_refresh = 1 if refresh else self.since_refresh + 1
         if refresh:
-            logits = self.full(x, pad, start, end, self.cache)
+            logits = self.full(x, pad, start, end, wanted, self.cache)
             self.seen.copy_(x)
             return logits
         # feed each row's stale columns (sorted; short rows repeat their last column, which
@@ -192,12 +200,13 @@ class DelayedRunner(Runner):
         tokens = x.gather(1, slots)
         first = torch.ones_like(slots, dtype=torch.bool)
         first[:, 1:] = slots[:, 1:] != slots[:, :-1]  # score each column once
-        keep = (slots >= start) & (slots < end) & (tokens == self.mask_id) & first
-        out = _logits(
+        scored = torch.zeros_like(x, dtype=torch.bool)
+        scored[:, start:end] = wanted  # wanted columns are masked, hence stale: every one is fed
+        keep = scored.gather(1, slots) & first
+        # slots increase along a row, so the rows come out in the row-major order of ``wanted``
+        logits = _logits(
             self.model(input_ids=tokens, attention_mask=pad, cache=self.cache, cache_slots=slots, output_mask=keep)
         )
-        # keep lists each row's masked block columns in increasing order, as the block's mask does
-        logits = scatter_rows(out, x[:, start:end] == self.mask_id)
         self.seen.scatter_(1, slots, tokens)
         return logits
 

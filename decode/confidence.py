@@ -83,8 +83,7 @@ class ConfidencePolicy:
 
     def step(self, state: BlockState, generator) -> tuple[Tensor, Tensor, Tensor]:
         cfg, masked = self.cfg, state.masked
-        logits = state.logits(masked.any(dim=1))
-        cand_logits = logits[masked]  # [N, V]
+        cand_logits = state.logits(masked)  # [N, V]: one row per masked position
         tokens_N, logp_N = sample_categorical(cand_logits, cfg.temperature, generator, cfg.top_k, cfg.top_p)
         conf = torch.full(masked.shape, float("-inf"), device=masked.device)
         plain = cfg.temperature in (0.0, 1.0) and cfg.top_k is None and cfg.top_p is None

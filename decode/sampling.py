@@ -3,11 +3,15 @@
 float32 Gumbel noise is capped near 16.6, so a token whose logit is more than ~16.6 below the
 best is never drawn: the temperature is silently lowered and generative perplexity looks
 better than it is. dlm samples by inverse CDF: ``u ~ U[0,1)`` in float64 against the float64
-cumulative sum of the token weights, taking the first token whose cumulative weight exceeds
-``u``. The weights ``exp(logit − max)`` themselves are computed in the logits' precision
-(float32 keeps every probability down to ~1e-38 with 1e-7 relative error; what float32 Gumbel
-loses is the tail of the *noise*, which inverse-CDF sampling does not have). Uniforms are drawn
-on the CPU from the caller's generator, so a seed gives the same tokens on any device.
+cumulative weights, taking the first token whose cumulative weight exceeds ``u``. The weights
+(the softmax) are computed in float32, which keeps every probability down to ~1e-38 with 1e-7
+relative error; what float32 Gumbel loses is the tail of the *noise*, which inverse-CDF sampling
+does not have. Uniforms are drawn on the CPU from the caller's generator, so a seed gives the
+same tokens on any device.
+
+This runs once per decoding step over every candidate row ``[N, V]``, so it is written to touch
+``[N, V]`` as few times as it can: one fused softmax, one float32 pass of chunk sums, and
+float64 only on ``[N, V / 256]`` and the one chosen chunk of each row.
 """
 
 from __future__ import annotations
@@ -38,18 +42,20 @@ def inverse_cdf(weights_NV: Tensor, u_N: Tensor) -> tuple[Tensor, Tensor]:
     and the float64 ``total`` of each row.
 
     Two levels, so nothing of length V is cumulated and nothing of size ``[N, V]`` is copied:
-    float64 sums of chunks of ``C = min(256, V)`` tokens (a strided view; the last chunk may be
-    shorter) locate the chunk, and a float64 cumulative sum inside that chunk locates the token.
-    A token of zero weight is never returned.
+    sums of chunks of ``C = min(256, V)`` tokens (a strided view; the last chunk may be shorter),
+    cumulated in float64, locate the chunk, and a float64 cumulative sum inside that chunk locates
+    the token. A chunk's sum is taken in the weights' precision (pairwise: relative error ~1e-7,
+    that of the float32 weights themselves; a float64 sum would first copy all of ``[N, V]`` to
+    float64). A token of zero weight is never returned.
     """
     N, V = weights_NV.shape
     w = weights_NV if weights_NV.stride(-1) == 1 else weights_NV.contiguous()
     C = min(CHUNK, V)
     K, rest = divmod(V, C)
     full = w.as_strided((N, K, C), (w.stride(0), C, 1))  # [N, K, C] view
-    chunk = full.sum(dim=-1, dtype=torch.float64)  # [N, K], accumulated in float64 without a float64 copy
+    chunk = full.sum(dim=-1).double()  # [N, K]
     if rest:
-        chunk = torch.cat([chunk, w[:, K * C :].sum(dim=-1, dtype=torch.float64, keepdim=True)], dim=1)
+        chunk = torch.cat([chunk, w[:, K * C :].sum(dim=-1, keepdim=True).double()], dim=1)
     ccdf = chunk.cumsum(dim=-1)
     target = u_N[:, None] * ccdf[:, -1:]  # [N, 1]
     k = torch.searchsorted(ccdf, target, right=True).clamp(max=ccdf.shape[1] - 1)  # [N, 1]
@@ -78,16 +84,15 @@ def sample_categorical(
     The log-prob is that of the distribution actually sampled from (tempered and filtered);
     at temperature 0 the token is the argmax and the log-prob is under temperature 1.
     """
-    if temperature <= 0:
-        best = logits_NV.max(dim=-1)
-        shifted = logits_NV.float() - best.values[:, None].float()
-        total = shifted.exp().sum(dim=-1, dtype=torch.float64)  # >= 1: the argmax contributes exp(0)
-        return best.indices, -total.log()  # log-prob of the argmax under temperature 1, for RL
     logits = logits_NV.float() if logits_NV.dtype in (torch.float16, torch.bfloat16) else logits_NV
+    if temperature <= 0:
+        best = logits.max(dim=-1)
+        # log-prob of the argmax under temperature 1, for RL: max − logsumexp (<= 0)
+        return best.indices, (best.values.double() - torch.logsumexp(logits, dim=-1).double()).clamp(max=0.0)
     if temperature != 1.0:
         logits = logits / temperature
     logits = filter_logits(logits, top_k, top_p)
-    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp()  # unnormalised probabilities
-    tokens, total = inverse_cdf(weights, uniforms(logits.shape[0], generator, logits.device))
-    logp = (weights.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()
+    probs = torch.softmax(logits, dim=-1)  # one fused kernel; filtered tokens get exactly 0
+    tokens, total = inverse_cdf(probs, uniforms(logits.shape[0], generator, logits.device))
+    logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled
     return tokens, logp

@@ -227,7 +227,8 @@ def test_approximate_caches_decode_each_row_of_a_ragged_batch_as_alone(cache, ex
 @SHIFT
 def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, block_causal, prompt_len, mask_id, shift):
     """A block right after a one-token prompt (or at column 0) is where a shifted model's
-    predecessor column is easy to miss. Rows the policies do not read (decoded columns) are zeros."""
+    predecessor column is easy to miss. A runner returns one row per masked block column (the
+    only ones policies read), in row-major order; a ``wanted`` subset returns just those rows."""
     from dlm.decode.caches import make_runner
 
     model = block_model(4, shift) if block_causal else tiny_model(logits_shift=shift)
@@ -249,10 +250,15 @@ def test_cache_read_back_on_an_unchanged_canvas_equals_the_full_forward(cache, b
     runner = make_runner(cache, model, 3, T, mask_id, 8, True)
     first = runner(x, canvas_pad, start, end, True)
     again = runner(x, canvas_pad, start, end, False)  # fed from the cache
-    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
     masked = x[:, start:end] == mask_id
-    torch.testing.assert_close(again[masked], full[masked], atol=1e-5, rtol=1e-5)
-    assert (again[~masked] == 0).all() and (first[~masked] == 0).all()
+    assert full.shape == (int(masked.sum()), model.config.vocab_size)
+    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, full, atol=1e-5, rtol=1e-5)
+    some = masked.clone()
+    some[1] = False  # a row the policy does not read, and one column of another
+    some[0, masked[0].nonzero()[0]] = False
+    rows_of_some = some[masked]  # which of full's rows `some` keeps
+    torch.testing.assert_close(runner(x, canvas_pad, start, end, False, some), full[rows_of_some], atol=1e-5, rtol=1e-5)
 
 
 def test_delayed_cache_scores_each_row_as_alone_when_rows_have_different_stale_counts():
@@ -271,10 +277,11 @@ def test_delayed_cache_scores_each_row_as_alone_when_rows_have_different_stale_c
     runner = make_runner("delayed", model, 4, 12, 63, 8, True)
     runner(x, None, 4, 12, True)  # a refresh: nothing is stale
     batched = runner(later, None, 4, 12, False)  # stale columns per row: 4, 8, 0, 1
+    per_row = batched.split((later[:, 4:12] == 63).sum(dim=1).tolist())  # one row of logits per masked column
     for row in range(4):
         alone = make_runner("delayed", model, 1, 12, 63, 8, True)
         alone(x[row : row + 1], None, 4, 12, True)
-        torch.testing.assert_close(batched[row], alone(later[row : row + 1], None, 4, 12, False)[0])
+        torch.testing.assert_close(per_row[row], alone(later[row : row + 1], None, 4, 12, False))
 
 
 def test_delayed_cache_refreshes_after_refresh_every_calls_also_past_small_integers():

@@ -140,7 +140,7 @@ class EnergyPolicy:
         if (self.steps is not None and state.step >= self.steps) or self.k < 2 or not bool(rows.any()):
             return decode, tokens, logprobs
         masked = state.masked & rows[:, None]
-        cand_logits = state.logits(rows)[masked]  # [N, V]: the step's own (cached) model call
+        cand_logits = state.logits(masked)  # [N, V]: the step's own (cached) model call
         cfg, k, N = self.decoder, self.k, cand_logits.shape[0]
         # k draws from the one set of logits (not a k-fold copy of them: memory stays one [N, V] at a time)
         draws = [sample_categorical(cand_logits, cfg.temperature, generator, cfg.top_k, cfg.top_p) for _ in range(k)]
