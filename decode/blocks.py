@@ -65,6 +65,12 @@ class DecodeConfig:
     ``delayed`` (dKV-Cache-Decode) for bidirectional or block-causal models."""
     refresh_every: int = 8
     """Delayed cache: a full forward at each block start and every ``r`` model calls (1 = no cache)."""
+    open_next_at: float = 1.0
+    """Pipelined blocks (D2F / dInfer): the next block opens — its positions become eligible, attending
+    to the open blocks' partial state — once every unfinished row has decoded this fraction of the
+    newest open block. 1.0 = block by block (no pipelining)."""
+    max_open_blocks: int = 2
+    """Pipelined blocks: at most this many blocks open at once."""
 
     def __post_init__(self):
         if self.gen_length < 1:
@@ -94,6 +100,25 @@ class DecodeConfig:
             raise ValueError(f"cache={self.cache!r}; choose one of {', '.join(CACHES)}")
         if self.refresh_every < 1:
             raise ValueError(f"refresh_every={self.refresh_every} must be >= 1 (1 = refresh at every call)")
+        if not 0.0 <= self.open_next_at <= 1.0:
+            raise ValueError(f"open_next_at={self.open_next_at} must lie in [0, 1] (1 = no pipelining)")
+        if self.max_open_blocks < 1:
+            raise ValueError(f"max_open_blocks={self.max_open_blocks} must be >= 1 (1 = no pipelining)")
+        if self.pipelined and not self.can_pipeline():
+            raise ValueError(
+                f"open_next_at={self.open_next_at} pipelines blocks, which needs an in-block policy that decodes "
+                "by confidence without a per-block step schedule: use the confidence decoder with rule=threshold "
+                "or rule=factor (or open_next_at=1)"
+            )
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether blocks are pipelined (a block may open before the previous one is decoded)."""
+        return self.open_next_at < 1.0 and self.max_open_blocks > 1
+
+    def can_pipeline(self) -> bool:
+        """Whether this decoder's policy can decode a window of several open blocks."""
+        return False
 
     def make_policy(self) -> InBlockPolicy:
         """The in-block policy of this decoder (each decoder defines it)."""
@@ -185,11 +210,7 @@ class Logits:
     def __call__(self, x: Tensor, start: int, end: int, eligible: Tensor, want: Tensor) -> Tensor:
         """Logits ``[n, V]`` of the ``want`` positions (``[B, end - start]``, a subset of ``eligible``)
         of canvas ``x`` in block ``[start, end)``, in row-major order."""
-        if (
-            self.value is None
-            or self.span != (start, end)
-            or bool(((self.stale[:, None] | ~self.where) & want).any())
-        ):
+        if self.value is None or self.span != (start, end) or bool(((self.stale[:, None] | ~self.where) & want).any()):
             self._forward(x, start, end, eligible)
             self.span = (start, end)
             self.stale.zero_()
@@ -360,7 +381,8 @@ class Decoding:
         self.logits.reset(B, device)
         self.history: list[Tensor] = []
         self.block_len = G // cfg.num_blocks
-        self.block = 0  # index of the open (or next) block
+        self.block = 0  # index of the oldest open (or next) block
+        self.last = 0  # index of the newest open block (> block only when pipelining)
         self.block_steps: int | None = None  # step budget of the open block; None = not opened yet
         self.step_in_block = 0
         self.global_step = 0
@@ -368,12 +390,12 @@ class Decoding:
 
     @property
     def span(self) -> tuple[int, int]:
-        """Canvas columns ``[start, end)`` of the current block."""
+        """Canvas columns ``[start, end)`` of the open blocks (one block unless pipelining)."""
         start = self.prompt_length + self.block * self.block_len
-        return start, start + self.block_len
+        return start, self.prompt_length + (self.last + 1) * self.block_len
 
     def masked(self) -> Tensor:
-        """``[B, Tb]`` masked positions of the current block in unfinished rows."""
+        """``[B, W]`` masked positions of the open blocks in unfinished rows."""
         start, end = self.span
         return (self.x[:, start:end] == self.mask_id) & ~self.finished[:, None]
 
@@ -382,13 +404,34 @@ class Decoding:
         every row finished (nothing left to decode)."""
         while not self.done:
             if self.block_steps is None:
+                self.last = max(self.last, self.block)
                 budget = self.cfg.block_steps(self.block)
                 self.block_steps = self.policy.start_block(self.masked(), budget, self.generator)
+                if self.cfg.pipelined:  # >= 1 token per row and step: the open blocks end within their masks
+                    self.block_steps = self.cfg.gen_length
                 self.step_in_block = 0
+            if self.cfg.pipelined:
+                self._open_next()
+                start = self.prompt_length + self.block * self.block_len
+                oldest = self.x[:, start : start + self.block_len] == self.mask_id
+                if not bool((oldest & ~self.finished[:, None]).any()):
+                    self._close_block()  # the oldest open block is decoded; the newer ones stay open
+                    continue
             if self.step_in_block < self.block_steps and self.masked().any():
                 return True
             self._close_block()
         return False
+
+    def _open_next(self) -> None:
+        """Pipelining: open blocks after the newest while every unfinished row has decoded
+        ``open_next_at`` of it, up to ``max_open_blocks`` open."""
+        cfg = self.cfg
+        while self.last + 1 < cfg.num_blocks and self.last - self.block + 1 < cfg.max_open_blocks:
+            lo = self.prompt_length + self.last * self.block_len
+            decoded = (self.x[:, lo : lo + self.block_len] != self.mask_id).double().mean(dim=1)
+            if not bool((decoded[~self.finished] >= cfg.open_next_at).all()):
+                return
+            self.last += 1
 
     @torch.no_grad()  # decoding never backpropagates: a graph kept per step would hold every activation
     def advance(self, active: Tensor | None = None) -> bool:
@@ -424,7 +467,7 @@ class Decoding:
             self.history.append(self.x.clone())
 
     def _close_block(self) -> None:
-        _, end = self.span
+        end = self.prompt_length + (self.block + 1) * self.block_len  # the oldest open block closes
         self.finished |= _finished_rows(
             self.x[:, self.prompt_length : end], self.eos if self.cfg.stop_at_eos else None, self.cfg.stop
         )

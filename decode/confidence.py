@@ -122,5 +122,8 @@ class ConfidenceDecoder(DecodeConfig):
         if self.factor <= 0:
             raise ValueError(f"factor={self.factor} must be positive")
 
+    def can_pipeline(self) -> bool:
+        return self.rule != "schedule"  # the threshold and factor rules decode any window, >= 1 per row a step
+
     def make_policy(self) -> ConfidencePolicy:
         return ConfidencePolicy(self)

@@ -58,6 +58,8 @@ DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
     "tokens_per_call": "tokens_per_call",
     "cache": "cache",
     "refresh_every": "refresh_every",
+    "open_next_at": "open_next_at",
+    "max_open_blocks": "max_open_blocks",
 }
 
 
@@ -94,6 +96,19 @@ def decoder_settings(args: argparse.Namespace) -> dict:
             "threshold" if args.threshold is not None else "factor" if args.factor is not None else "schedule"
         )
     return settings
+
+
+def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--open-next-at",
+        type=float,
+        default=None,
+        help="pipelined blocks (confidence decoder, --threshold or --factor): open the next block once this "
+        "fraction of the newest open block is decoded (default 1 = block by block)",
+    )
+    p.add_argument(
+        "--max-open-blocks", type=int, default=None, help="pipelined blocks: at most this many open (default 2)"
+    )
 
 
 GUIDE_OPTIONS = {  # CLI option -> guide setting
@@ -348,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache: exact (lossless, block-causal models), prefix / dual (Fast-dLLM), delayed (dKV-Cache)",
     )
     p.add_argument("--refresh-every", type=int, default=None, help="delayed cache: full refresh every r calls")
+    add_pipeline_options(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--show", action="store_true", help="replay the unmasking step by step in the terminal")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
@@ -389,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--refresh-every", type=int, default=None)
+    add_pipeline_options(p)
     p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo samples per loglikelihood (default 128)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default 8)")
     p.add_argument("--seed", type=int, default=1234)
@@ -447,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
         "decode", help="decoders x caches x lengths x batch sizes: tokens/s, NFE, latency, memory, speedups"
     )
     b.add_argument("--checkpoint", default=None, help="a trained model (default: random weights of --shape)")
-    b.add_argument("--shape", default=None, help="benchmark shape: tiny, small (11.6M), base (42.5M), llada-8b")
+    b.add_argument(
+        "--shape",
+        default=None,
+        help="benchmark shape: tiny, small (11.6M), tiny-126k (LLaDA's vocabulary), base (42.5M), llada-8b",
+    )
     b.add_argument("--hidden-size", type=int, default=256, help="custom shape (when no --shape/--checkpoint)")
     b.add_argument("--layers", type=int, default=4)
     b.add_argument("--heads", type=int, default=4)
@@ -458,11 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="default: the generation length (one token per step)")
     b.add_argument("--block-length", type=int, default=32)
     b.add_argument(
-        "--decoders", default=None, help="comma list of ancestral, first_hitting, confidence, threshold (default: all)"
+        "--decoders",
+        default=None,
+        help="comma list of ancestral, first_hitting, confidence, threshold, pipelined "
+        "(threshold with pipelined blocks; default: all but pipelined)",
     )
     b.add_argument("--threshold", type=float, default=0.9, help="the threshold decoder's confidence threshold")
     b.add_argument("--caches", default=None, help="comma list (default: every cache the model supports)")
     b.add_argument("--refresh-every", type=int, default=8, help="delayed cache refresh interval")
+    b.add_argument(
+        "--open-next-at", type=float, default=0.5, help="the pipelined decoder's block-opening fraction (default 0.5)"
+    )
+    b.add_argument("--max-open-blocks", type=int, default=2, help="the pipelined decoder's open blocks (default 2)")
     b.add_argument("--task", default=None, help="score generations on a generated task (dlm.tasks), e.g. repeat")
     b.add_argument("--task-args", default=None, help="task arguments, e.g. repeats=64 (an answer of 64 x 16 tokens)")
     b.add_argument(

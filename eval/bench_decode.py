@@ -57,6 +57,7 @@ class Shape:
 SHAPES = {
     "tiny": Shape(128, 4, 4, 0, 32768),  # 0 = SwiGLU's default 8/3 expansion
     "small": Shape(256, 4, 4, 0, 32768),  # 11.6M
+    "tiny-126k": Shape(128, 4, 4, 0, 126464),  # LLaDA's vocabulary on a small body: the LM head and sampler dominate
     "base": Shape(512, 8, 8, 0, 32768),  # 42.5M
     "llada-8b": Shape(4096, 32, 32, 12288, 126464, None, (("tie_word_embeddings", False),)),  # LLaDA-8B (8.0B)
     "dream-7b": Shape(  # Dream-v0-7B (7.6B): Qwen2 layout, q/k/v biases, shifted logits
@@ -131,7 +132,9 @@ def expected_ancestral_nfe(steps: int, length: int, blocks: int) -> float:
     return blocks * n * (1 - (1 - 1 / n) ** l)
 
 
-def decoder_grid(steps: int, block: int, threshold: float) -> dict[str, tuple[str, dict]]:
+def decoder_grid(
+    steps: int, block: int, threshold: float, open_next_at: float = 0.5, max_open_blocks: int = 2
+) -> dict[str, tuple[str, dict]]:
     return {
         "ancestral": ("ancestral", {"steps": steps, "block_length": block}),
         "first_hitting": ("first_hitting", {"block_length": block}),
@@ -140,7 +143,12 @@ def decoder_grid(steps: int, block: int, threshold: float) -> dict[str, tuple[st
             "confidence",
             {"steps": steps, "block_length": block, "rule": "threshold", "threshold": threshold},
         ),
-    }
+        "pipelined": (
+            "confidence",
+            {"steps": steps, "block_length": block, "rule": "threshold", "threshold": threshold,
+             "open_next_at": open_next_at, "max_open_blocks": max_open_blocks},
+        ),
+    }  # fmt: skip
 
 
 def load_model(args) -> tuple[nn.Module, object | None, str]:
@@ -239,7 +247,7 @@ def main(args) -> int:
         f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads)"
     )
     header = (
-        f"{'decoder':14s} {'cache':>8s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'wall s':>8s} "
+        f"{'decoder':14s} {'cache':>8s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'TPF':>5s} {'wall s':>8s} "
         f"{'overhead':>8s} {'tok/s':>8s} {'speedup':>7s} {'mem MB':>7s}" + (f" {'score':>6s}" if args.task else "")
     )
     print(header, flush=True)
@@ -247,7 +255,7 @@ def main(args) -> int:
     rows = []
     for gen_length in args.gen_lengths:
         steps = gen_length if args.steps is None else args.steps
-        grid = decoder_grid(steps, args.block_length, args.threshold)
+        grid = decoder_grid(steps, args.block_length, args.threshold, args.open_next_at, args.max_open_blocks)
         for batch in batch_sizes:
             if args.task:
                 prompt, pad, examples = task_prompts(args, tok, batch)
@@ -296,9 +304,12 @@ def main(args) -> int:
                         "model_s": model.seconds,
                         "overhead": 1 - model.seconds / wall,
                         "tokens_per_s": batch * gen_length / wall,
+                        "tokens_per_forward": gen_length / nfe,
                         "speedup_vs_no_cache": ref / wall if ref else None,
                         "combined_vs_confidence_no_cache": (
-                            baseline["confidence"] / wall if label == "threshold" and "confidence" in baseline else None
+                            baseline["confidence"] / wall
+                            if label in ("threshold", "pipelined") and "confidence" in baseline
+                            else None
                         ),
                         "peak_memory_mb": mem.peak_mb,
                     }
@@ -311,7 +322,7 @@ def main(args) -> int:
                     exp = f"{expected:7.1f}" if expected is not None else f"{'—':>7s}"
                     speed = f"{row['speedup_vs_no_cache']:6.2f}x" if ref else f"{'—':>7s}"
                     print(
-                        f"{label:14s} {cache:>8s} {gen_length:5d} {batch:5d} {nfe:7.1f} {exp} {wall:8.2f} "
+                        f"{label:14s} {cache:>8s} {gen_length:5d} {batch:5d} {nfe:7.1f} {exp} {row['tokens_per_forward']:5.1f} {wall:8.2f} "
                         f"{row['overhead']:8.1%} {row['tokens_per_s']:8.1f} {speed} {mem.peak_mb:7.1f}"
                         + (f" {row['score']:6.3f}" if examples is not None else ""),
                         flush=True,
@@ -319,7 +330,7 @@ def main(args) -> int:
     combined = [r for r in rows if r["combined_vs_confidence_no_cache"]]
     for r in combined:
         print(
-            f"combined: threshold {args.threshold} + {r['cache']} vs confidence (1 token/step) without cache, "
+            f"combined: {r['decoder']} {args.threshold} + {r['cache']} vs confidence (1 token/step) without cache, "
             f"gen {r['gen_length']}, batch {r['batch_size']}: {r['combined_vs_confidence_no_cache']:.2f}x"
         )
     if args.json:

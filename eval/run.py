@@ -22,6 +22,8 @@ MODEL_OPTIONS = (  # CLI option -> model_args key (None values are left out)
     "factor",
     "temperature",
     "refresh_every",
+    "open_next_at",
+    "max_open_blocks",
     "mc_num",
     "batch_size",
     "device",

@@ -335,6 +335,31 @@ def test_block_causal_trajectory_rows_give_the_decode_time_log_probs(name, kw, b
         assert rows.inputs.shape[0] < per_step.inputs.shape[0]
 
 
+PIPELINED = {"steps": 16, "rule": "threshold", "threshold": 0.9, "open_next_at": 0.5, "max_open_blocks": 3}
+
+
+@pytest.mark.parametrize("cache", ["none", "exact"])
+def test_pipelined_block_causal_trajectories_give_the_decode_time_log_probs(cache):
+    """With blocks pipelined a step decodes in several open blocks, each attending to its
+    predecessors' partial state: the per-step rows rebuild exactly those states."""
+    model, out, r = block_causal_rollouts("confidence", 4, cache=cache, **PIPELINED)
+    P = out.prompt_length
+    blocks_per_step = [len({int(c) // 4 for c in (out.step_map[:, P:] == s).nonzero()[:, 1]}) for s in range(16)]
+    assert max(blocks_per_step) > 1  # some step decoded in two blocks: pipelined
+    rows = build_rows("trajectory", r, MASK, shrink=1, block_size=4)
+    with torch.no_grad():
+        logp = token_logprobs(model, r, rows, MASK, batch_size=5)
+    torch.testing.assert_close(logp[r.trainable].double(), out.logprobs[r.trainable], atol=1e-4, rtol=1e-4)
+
+
+def test_pipelined_bidirectional_trajectories_give_the_decode_time_log_probs():
+    model, out, r = rollouts("confidence", **{**PIPELINED, "steps": 12})
+    rows = build_rows("trajectory", r, MASK, shrink=1)
+    with torch.no_grad():
+        logp = token_logprobs(model, r, rows, MASK)
+    torch.testing.assert_close(logp[r.trainable].double(), out.logprobs[r.trainable], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shrink", [1, 2, 3])
 def test_vectorised_block_rows_are_disjoint_cover_every_token_and_number_the_longest_block(shrink):
     _, _, r = block_causal_rollouts("confidence", 4, steps=16)
