@@ -447,7 +447,7 @@ class Decoding:
         """One step over the ``masked`` positions (``eligible`` restricted to the active rows); a model
         call scores every ``eligible`` position, so rows that wait this step can reuse it."""
         start, end = self.span
-        if masked.any():
+        if masked is eligible or masked.any():  # ready() found eligible positions: no second device sync
             x = self.x
             state = BlockState(
                 x, start, masked, self.step_in_block, self.block_steps, partial(self.logits, x, start, end, eligible)

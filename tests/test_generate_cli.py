@@ -27,6 +27,7 @@ def trained(tmp_path_factory):
         ["--decoder", "confidence", "--block-length", "4", "--cache", "dual"],
         ["--decoder", "confidence", "--block-length", "4", "--cache", "prefix", "--threshold", "0.5"],
         ["--decoder", "ancestral", "--cache", "delayed", "--refresh-every", "2"],
+        ["--block-length", "2", "--threshold", "0.5", "--open-next-at", "0.5", "--max-open-blocks", "3"],
     ],
 )
 def test_generate_with_each_decoder(trained, capsys, extra):
@@ -58,6 +59,10 @@ def test_generate_option_errors(trained, capsys):
     assert "cache='exact' needs a block-causal" in capsys.readouterr().err
     assert cli_main(["generate", trained, "--chat", "--prompt", "hi"]) == 2
     assert "no chat template" in capsys.readouterr().err
+    assert cli_main(["generate", trained, "--gen-length", "8", "--block-length", "4", "--open-next-at", "0.5"]) == 2
+    assert "use the confidence decoder with rule=threshold or rule=factor" in capsys.readouterr().err
+    assert cli_main(["generate", trained, "--gen-length", "8", "--threshold", "0.9", "--max-open-blocks", "0"]) == 2
+    assert "max_open_blocks=0 must be >= 1" in capsys.readouterr().err
 
 
 def test_render_frames_shows_masks_and_fills_in():

@@ -126,3 +126,36 @@ def test_bad_pipelining_settings_are_clear_errors():
         build_decoder("confidence", gen_length=8, steps=8, block_length=4, open_next_at=0.5)
     with pytest.raises(ValueError, match="rule=threshold or rule=factor"):
         build_decoder("ancestral", gen_length=8, steps=8, block_length=4, open_next_at=0.5)
+
+
+@pytest.mark.parametrize(
+    "kw,per_step",
+    [
+        ({}, 2),  # is anything masked; did a row the step reads change since the last call
+        ({"open_next_at": 0.5, "max_open_blocks": 3}, 4),  # + may the next block open; is the oldest decoded
+    ],
+    ids=["block-by-block", "pipelined"],
+)
+def test_host_syncs_per_decoding_step_are_the_ones_the_loop_needs(monkeypatch, kw, per_step):
+    """Each ``bool()`` / ``int()`` / ``.item()`` of a tensor waits for the device: the confidence loop
+    makes only the decisions above per step (plus one per block close), never one per position."""
+    counts = {"n": 0}
+    for name in ("__bool__", "__int__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            counts["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    model = sharp_model()
+    prompt = torch.randint(0, MASK, (3, 5), generator=torch.Generator().manual_seed(0))
+    dec = build_decoder(
+        "confidence", gen_length=32, steps=32, block_length=8, rule="threshold", threshold=0.05,
+        temperature=1.0, eos_token_id=None, **kw,
+    )  # fmt: skip
+    counts["n"] = 0
+    out = dec(model, prompt, generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    steps = int(out.step_map.max()) + 1
+    assert counts["n"] <= per_step * steps + 2 * 4 + 4, (counts["n"], steps)
