@@ -8,6 +8,7 @@ dlm eval CHECKPOINT --tasks ...              lm-eval-harness tasks, scores + dec
 dlm ppl CHECKPOINT --data ... | --judge ...  perplexity bound on data; generative ppl + entropy
 dlm bench train [--hidden-size ...]          training step time, MDLM vs AR on one backbone
 dlm bench decode [--checkpoint PATH] ...     decoding throughput: decoders x caches x lengths x batch
+dlm tune CHECKPOINT --task T ...             sweep decoding settings: Pareto front, the fastest within a tolerance
 dlm convert SOURCE OUTPUT [--family ...]     LLaDA / Dream / SDAR / Llama / Qwen checkpoint -> dlm checkpoint
 """
 
@@ -82,19 +83,20 @@ def options_for(args: argparse.Namespace, registry, name: str, options: dict[str
     return settings
 
 
-def decoder_settings(args: argparse.Namespace) -> dict:
-    """Settings for ``build_decoder`` from the CLI; an option the decoder does not take is an error."""
+def decoder_settings(args: argparse.Namespace, decoder: str | None = None) -> dict:
+    """Settings for ``build_decoder`` from the CLI; an option the decoder does not take is an error.
+    Only options given are returned (a preset or the decoder's defaults fill the rest)."""
     from dlm.config import ConfigError
     from dlm.decode import DECODERS, decoder_names
 
     decoder_names()  # registers the built-ins
-    settings = options_for(args, DECODERS, args.decoder, DECODER_OPTIONS, "decoder")
-    if args.decoder == "confidence":
+    decoder = decoder or args.decoder
+    settings = options_for(args, DECODERS, decoder, DECODER_OPTIONS, "decoder")
+    if decoder == "confidence":
         if args.threshold is not None and args.factor is not None:
             raise ConfigError("give --threshold or --factor, not both")
-        settings["rule"] = (
-            "threshold" if args.threshold is not None else "factor" if args.factor is not None else "schedule"
-        )
+        if args.threshold is not None or args.factor is not None:
+            settings["rule"] = "threshold" if args.threshold is not None else "factor"
     return settings
 
 
@@ -191,8 +193,12 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = [p for p in prompts for _ in range(args.num_samples)]
     tok.padding_side = "left"
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    settings = decoder_settings(args)
-    settings.setdefault("steps", args.gen_length)
+    from dlm.decode.presets import load_preset, merged
+
+    name = args.decoder or (load_preset(args.preset)[0] if args.preset else "confidence")
+    args.decoder, settings = merged(args.preset, args.decoder, decoder_settings(args, name))
+    settings.setdefault("gen_length", 128)
+    settings.setdefault("steps", settings["gen_length"])
     try:
         decoder = build_decoder(
             args.decoder, record_history=args.show, stop=StopStrings(tok, args.stop) if args.stop else None, **settings
@@ -277,6 +283,12 @@ def _bench_memory(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from dlm.eval.tune import main as tune_main
+
+    return tune_main(args)
+
+
 def _bench_guide(args: argparse.Namespace) -> int:
     from dlm.eval.bench_guide import main as bench_main
 
@@ -339,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt text (repeatable); none = unconditional")
     p.add_argument("--prompt-file", help="one prompt per line (batched)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--decoder", default="confidence", choices=["ancestral", "first_hitting", "confidence"])
-    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument(
+        "--decoder", default=None, choices=["ancestral", "first_hitting", "confidence"], help="default: confidence"
+    )
+    p.add_argument("--preset", default=None, help="decode preset YAML (dlm tune writes one); options given win")
+    p.add_argument("--gen-length", type=int, default=None, help="default 128 (or the preset's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1)")
@@ -372,6 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_guide_options(p)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("tune", help="sweep decoding settings on a task: Pareto PNG, AUP and a decode preset")
+    p.add_argument("checkpoint", help="model directory, or a training output_dir")
+    p.add_argument("--task", required=True, help="a generated task (dlm.tasks), e.g. repeat")
+    p.add_argument("--task-args", default=None, help="task arguments, e.g. repeats=64")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts decoded per setting (default 16)")
+    p.add_argument("--gen-length", type=int, default=None, help="default: the longest answer's token count")
+    floats = lambda text: [float(v) for v in text.split(",") if v]  # noqa: E731
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+    p.add_argument("--thresholds", type=floats, default=[0.7, 0.8, 0.9], help="threshold rule values (0.7,0.8,0.9)")
+    p.add_argument("--factors", type=floats, default=[], help="factor rule values (default none)")
+    p.add_argument("--block-lengths", type=ints, default=[32], help="comma list (default 32)")
+    p.add_argument("--caches", type=lambda t: t.split(","), default=["none", "dual"], help="default none,dual")
+    p.add_argument("--open-next-at", type=floats, default=[1.0, 0.0], help="pipelining fractions (default 1,0)")
+    p.add_argument("--max-open-blocks", type=int, default=8, help="open blocks when pipelining (default 8)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="score the choice may lose (default 0.01)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for tune.json, pareto.png and preset.yaml")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("rl", help="RL fine-tuning from a recipe (trajectory PG, diffu-GRPO, coupled-GRPO)")
     p.add_argument("recipe", help="RL recipe YAML path, or a bundled recipe name (rl-quickstart)")
@@ -406,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--refresh-every", type=int, default=None)
     add_pipeline_options(p)
+    p.add_argument("--preset", default=None, help="decode preset YAML (dlm tune writes one); options given win")
     p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo samples per loglikelihood (default 128)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default 8)")
     p.add_argument("--seed", type=int, default=1234)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 GENERAL = {
     "pretrained": "model directory or training output_dir (required)",
     "decoder": "decoder name (confidence, ancestral, first_hitting)",
+    "preset": "decode preset YAML (dlm tune writes one); other model_args win over its settings",
     "gen_length": "default generation length when a task gives no max_gen_toks",
     "mc_num": "Monte-Carlo samples per loglikelihood request",
     "estimator": "exact_count (stratified, default) or one_over_t",
@@ -63,6 +64,12 @@ def decoder_keys(name: str) -> list[str]:
 class DLMEvalModel(TemplateLM):
     def __init__(self, pretrained: str | None = None, **kwargs: Any):
         super().__init__()
+        if kwargs.get("preset") is not None:  # a decode preset (dlm tune); model_args given win
+            from dlm.decode.presets import merged
+
+            name, settings = merged(kwargs.pop("preset"), kwargs.get("decoder"), {})
+            kwargs = {**settings, **kwargs, "decoder": name}
+        kwargs.pop("preset", None)
         decoder = str(kwargs.get("decoder", "confidence"))
         if decoder not in decoder_names():
             raise ValueError(f"model_args decoder={decoder!r}; choose one of {', '.join(decoder_names())}")

@@ -23,6 +23,7 @@ MODEL_OPTIONS = (  # CLI option -> model_args key (None values are left out)
     "temperature",
     "refresh_every",
     "open_next_at",
+    "preset",
     "max_open_blocks",
     "mc_num",
     "batch_size",

@@ -156,6 +156,12 @@ class RLRecipe:
 
 def make_decoder(settings: dict[str, Any], greedy: bool = False):
     s = dict(settings)
+    if s.get("preset") is not None:  # a decode preset (dlm tune); settings beside it win
+        from dlm.decode.presets import merged
+
+        name, preset = merged(s.pop("preset"), s.get("decoder"), {})
+        s = {**preset, **s, "decoder": name}
+    s.pop("preset", None)
     name = s.pop("decoder", "confidence")
     if greedy:
         s["temperature"] = 0.0

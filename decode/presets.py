@@ -1,0 +1,80 @@
+"""Decode presets: a decoder and its settings in a YAML file (what ``dlm tune`` writes).
+
+    decoder: confidence
+    gen_length: 1024
+    block_length: 32
+    rule: threshold
+    threshold: 0.9
+    cache: dual
+    open_next_at: 0.0
+    max_open_blocks: 8
+
+``dlm generate --preset FILE``, the lm-eval model's ``model_args preset=FILE`` and an RL recipe's
+``decode: {preset: FILE}`` read it; settings given beside the preset win over the file's. A
+``tuned:`` mapping (what the sweep measured for this setting) is kept for the reader and ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dlm.config import ConfigError
+from dlm.decode import build_decoder
+
+
+class PresetError(ConfigError):
+    """A preset file that cannot be read or does not describe a valid decoder."""
+
+
+def load_preset(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """``(decoder name, settings)`` of the preset at ``path``, checked by building the decoder."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PresetError(f"decode preset {path} does not exist (dlm tune writes one: OUT/preset.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PresetError(f"decode preset {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or "decoder" not in data:
+        raise PresetError(f"decode preset {path} must be a mapping with a `decoder:` key and its settings")
+    settings = {k: v for k, v in data.items() if k not in ("decoder", "tuned")}
+    name = str(data["decoder"])
+    check(name, settings, f"decode preset {path}")
+    return name, settings
+
+
+def check(name: str, settings: dict[str, Any], where: str) -> None:
+    """Build the decoder once so a bad setting is reported against ``where``."""
+    try:
+        build_decoder(name, **settings)
+    except ValueError as exc:
+        raise PresetError(f"{where}: {exc}") from None
+
+
+def write_preset(path: str | Path, name: str, settings: dict[str, Any], tuned: dict[str, Any] | None = None) -> Path:
+    """Write a preset atomically (a temporary file renamed into place)."""
+    import os
+
+    import yaml
+
+    check(name, settings, "the preset to write")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"decoder": name, **settings, **({"tuned": tuned} if tuned else {})}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(body, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def merged(preset: str | Path | None, name: str | None, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The decoder and settings of ``preset`` (if any) overridden by what was ``given`` explicitly."""
+    if preset is None:
+        return name or "confidence", dict(given)
+    preset_name, settings = load_preset(preset)
+    if name is not None and name != preset_name:
+        raise PresetError(f"decoder {name!r} was given, but the decode preset {preset} is for {preset_name!r}")
+    return preset_name, {**settings, **given}
