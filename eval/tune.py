@@ -153,8 +153,13 @@ def main(args) -> int:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model, tok, path = load(args.checkpoint, dtype=dtype, device=args.device)
+    if args.prompts < 1 or args.tolerance < 0:
+        raise ConfigError(f"dlm tune: --prompts {args.prompts} must be >= 1 and --tolerance {args.tolerance} >= 0")
     task_args = parse_task_args(args.task_args)
-    examples = generate(args.task, args.prompts, seed=1, **task_args)
+    try:
+        examples = generate(args.task, args.prompts, seed=1, **task_args)
+    except ValueError as exc:  # an unknown task or task argument: the message lists the known ones
+        raise ConfigError(f"dlm tune: {exc}") from None
     from dlm.data import encode_prompts
 
     prompt, pad = encode_prompts(tok, [e["prompt"] for e in examples])

@@ -104,6 +104,8 @@ def test_bad_presets_and_grids_are_clear_errors(task_model, tmp_path, capsys):
     assert "cache='exact' needs a block-causal" in capsys.readouterr().err
     assert cli_main(["generate", task_model, "--preset", str(exact), "--decoder", "ancestral"]) == 2
     assert "is for 'confidence'" in capsys.readouterr().err
+    assert cli_main(["tune", task_model, "--task", "repeet", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown task 'repeet'" in capsys.readouterr().err
     assert tune(task_model, tmp_path / "none", "--block-lengths", "3", "--caches", "exact") == 2
     err = capsys.readouterr().err
     assert "no valid setting in the grid" in err and "block_length 3 does not divide gen_length 8" in err
