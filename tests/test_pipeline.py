@@ -124,6 +124,10 @@ def test_bad_pipelining_settings_are_clear_errors():
         build_decoder("confidence", gen_length=8, steps=8, rule="threshold", max_open_blocks=0)
     with pytest.raises(ValueError, match="rule=threshold or rule=factor"):
         build_decoder("confidence", gen_length=8, steps=8, block_length=4, open_next_at=0.5)
+    with pytest.raises(ValueError, match="rule=threshold or rule=factor"):  # a rule read from text compares by value
+        build_decoder("confidence", gen_length=8, steps=8, block_length=4, open_next_at=0.5, rule="".join("schedule"))
+    for rule in ("threshold", "factor"):  # both rules pipeline
+        assert build_decoder("confidence", gen_length=8, steps=8, block_length=4, open_next_at=0.5, rule=rule).pipelined
     with pytest.raises(ValueError, match="rule=threshold or rule=factor"):
         build_decoder("ancestral", gen_length=8, steps=8, block_length=4, open_next_at=0.5)
 
