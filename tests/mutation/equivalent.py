@@ -28,6 +28,14 @@ EXACT_COUNT_CLAMP = (
     "the times are below 1 exactly (float `% 1.0` is exact; torch.rand < 1) and fl(t·L) < L for t < 1 and "
     "L < 2^24, so the floor never exceeds L − 1 and the clamp never acts"
 )
+LSE_BOUND = (
+    "logsumexp is max + log(Σ exp(x − max)) with the max's own term exp(0) = 1 in the sum, so max − logsumexp "
+    "<= 0 exactly: the clamp's bound is never reached"
+)
+UNIT_TOTAL = (
+    "the weights are a softmax, so total is 1 up to float32 rounding (~1e-7): p / total and p ** total give "
+    "log-probs within ~1e-7 of each other"
+)
 METRICS = "LossOutput.metrics is never read (the loop logs the loss and the learning rate)"
 POW2_CHUNK = (
     "k·C is a multiple of the chunk size C, a power of two (256) or the whole vocabulary (then k = 0), "
@@ -310,6 +318,20 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
          "is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) ^ ((ratio > 1 + eps_high) & (adv > 0))", "a ratio is never both below 1 − ε and above 1 + ε"),
     ],
     "decode/sampling.py": [
+        ('best = logits.max(dim=-1)', 'best = logits.max(dim=+1)', LAST_DIM),
+        ('best = logits.max(dim=-1)', 'best = logits.max(dim=1)', LAST_DIM),
+        ('return best.indices, (best.values.double() - torch.logsumexp(logits, dim=-1).double()).clamp(max=0.0)', 'return best.indices, (best.values.double() - torch.logsumexp(logits, dim=1).double()).clamp(max=0.0)', LAST_DIM),
+        ('return best.indices, (best.values.double() - torch.logsumexp(logits, dim=-1).double()).clamp(max=0.0)', 'return best.indices, (best.values.double() - torch.logsumexp(logits, dim=+1).double()).clamp(max=0.0)', LAST_DIM),
+        ('return best.indices, (best.values.double() - torch.logsumexp(logits, dim=-1).double()).clamp(max=0.0)', 'return best.indices, (best.values.double() - torch.logsumexp(logits, dim=-1).double()).clamp(max= 1.0)', LSE_BOUND),
+        ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(+1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', LAST_DIM),
+        ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', LAST_DIM),
+        ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(-1, tokens[:, None]).squeeze(+1).double() / total).log()  # of what was sampled', LAST_DIM),
+        ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(-1, tokens[:, None]).squeeze(1).double() / total).log()  # of what was sampled', LAST_DIM),
+        ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() ** total).log()  # of what was sampled', UNIT_TOTAL),
+        ('probs = torch.softmax(logits, dim=-1)  # one fused kernel; filtered tokens get exactly 0', 'probs = torch.softmax(logits, dim=1)  # one fused kernel; filtered tokens get exactly 0', LAST_DIM),
+        ('probs = torch.softmax(logits, dim=-1)  # one fused kernel; filtered tokens get exactly 0', 'probs = torch.softmax(logits, dim=+1)  # one fused kernel; filtered tokens get exactly 0', LAST_DIM),
+        ('chunk = torch.cat([chunk, w[:, K * C :].sum(dim=-1, keepdim=True).double()], dim=1)', 'chunk = torch.cat([chunk, w[:, K * C :].sum(dim=1, keepdim=True).double()], dim=1)', LAST_DIM),
+        ('chunk = torch.cat([chunk, w[:, K * C :].sum(dim=-1, keepdim=True).double()], dim=1)', 'chunk = torch.cat([chunk, w[:, K * C :].sum(dim=+1, keepdim=True).double()], dim=1)', LAST_DIM),
         ("cols = k * C + torch.arange(C, device=w.device)  # [N, C] the chosen chunk's columns",
          "cols = k * C | torch.arange(C, device=w.device)  # [N, C] the chosen chunk's columns",
          "k > 0 only when C = 256, a power of two above every arange value: | and + agree"),
