@@ -65,6 +65,15 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(tokens, logits.argmax(-1))
 
 
+def test_the_greedy_log_prob_is_the_argmax_log_prob_under_temperature_one():
+    """RL reads it as the decode-time log-prob: confident rows (p near 1) included, far from any bound."""
+    logits = torch.tensor([[6.0, 0.0, 0.0, -1.0], [0.3, 0.2, 0.1, 0.0], [40.0, -40.0, 0.0, 1.0]])
+    tokens, logp = sample_categorical(logits, 0.0, None)
+    assert logp.dtype == torch.float64
+    torch.testing.assert_close(logp, torch.log_softmax(logits.double(), -1)[torch.arange(3), tokens])
+    assert -0.01 < logp[0] < 0 and logp[2] > -1e-15  # p(argmax) ~0.995 and ~1
+
+
 def test_ancestral_decodes_everything_and_keeps_the_prompt():
     model = tiny_model()
     prompt = torch.randint(0, 63, (3, 5))

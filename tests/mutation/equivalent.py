@@ -33,8 +33,8 @@ LSE_BOUND = (
     "<= 0 exactly: the clamp's bound is never reached"
 )
 UNIT_TOTAL = (
-    "the weights are a softmax, so total is 1 up to float32 rounding (~1e-7): p / total and p ** total give "
-    "log-probs within ~1e-7 of each other"
+    "the weights are a softmax, so total is 1 up to float32 rounding (~1e-7): p / total, p * total and "
+    "p ** total give log-probs within ~2e-7 of each other"
 )
 METRICS = "LossOutput.metrics is never read (the loop logs the loss and the learning rate)"
 POW2_CHUNK = (
@@ -328,6 +328,7 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
         ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(-1, tokens[:, None]).squeeze(+1).double() / total).log()  # of what was sampled', LAST_DIM),
         ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(-1, tokens[:, None]).squeeze(1).double() / total).log()  # of what was sampled', LAST_DIM),
         ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() ** total).log()  # of what was sampled', UNIT_TOTAL),
+        ('logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() / total).log()  # of what was sampled', 'logp = (probs.gather(-1, tokens[:, None]).squeeze(-1).double() * total).log()  # of what was sampled', UNIT_TOTAL),
         ('probs = torch.softmax(logits, dim=-1)  # one fused kernel; filtered tokens get exactly 0', 'probs = torch.softmax(logits, dim=1)  # one fused kernel; filtered tokens get exactly 0', LAST_DIM),
         ('probs = torch.softmax(logits, dim=-1)  # one fused kernel; filtered tokens get exactly 0', 'probs = torch.softmax(logits, dim=+1)  # one fused kernel; filtered tokens get exactly 0', LAST_DIM),
         ('chunk = torch.cat([chunk, w[:, K * C :].sum(dim=-1, keepdim=True).double()], dim=1)', 'chunk = torch.cat([chunk, w[:, K * C :].sum(dim=1, keepdim=True).double()], dim=1)', LAST_DIM),
