@@ -70,11 +70,15 @@ def write_preset(path: str | Path, name: str, settings: dict[str, Any], tuned: d
     return path
 
 
-def merged(preset: str | Path | None, name: str | None, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The decoder and settings of ``preset`` (if any) overridden by what was ``given`` explicitly."""
+def apply_preset(settings: dict[str, Any]) -> dict[str, Any]:
+    """Decoder settings with an optional ``preset`` key (a preset file): the preset's decoder and
+    settings, overridden by the other keys given (``preset`` itself removed). A ``decoder`` given
+    that is not the preset's is an error."""
+    settings = dict(settings)
+    preset = settings.pop("preset", None)
     if preset is None:
-        return name or "confidence", dict(given)
-    preset_name, settings = load_preset(preset)
-    if name is not None and name != preset_name:
-        raise PresetError(f"decoder {name!r} was given, but the decode preset {preset} is for {preset_name!r}")
-    return preset_name, {**settings, **given}
+        return settings
+    name, from_file = load_preset(preset)
+    if settings.get("decoder", name) != name:
+        raise PresetError(f"decoder {settings['decoder']!r} was given, but the decode preset {preset} is for {name!r}")
+    return {**from_file, **settings, "decoder": name}

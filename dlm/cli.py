@@ -83,16 +83,15 @@ def options_for(args: argparse.Namespace, registry, name: str, options: dict[str
     return settings
 
 
-def decoder_settings(args: argparse.Namespace, decoder: str | None = None) -> dict:
+def decoder_settings(args: argparse.Namespace) -> dict:
     """Settings for ``build_decoder`` from the CLI; an option the decoder does not take is an error.
     Only options given are returned (a preset or the decoder's defaults fill the rest)."""
     from dlm.config import ConfigError
     from dlm.decode import DECODERS, decoder_names
 
     decoder_names()  # registers the built-ins
-    decoder = decoder or args.decoder
-    settings = options_for(args, DECODERS, decoder, DECODER_OPTIONS, "decoder")
-    if decoder == "confidence":
+    settings = options_for(args, DECODERS, args.decoder, DECODER_OPTIONS, "decoder")
+    if args.decoder == "confidence":
         if args.threshold is not None and args.factor is not None:
             raise ConfigError("give --threshold or --factor, not both")
         if args.threshold is not None or args.factor is not None:
@@ -193,10 +192,11 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = [p for p in prompts for _ in range(args.num_samples)]
     tok.padding_side = "left"
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    from dlm.decode.presets import load_preset, merged
+    from dlm.decode.presets import apply_preset
 
-    name = args.decoder or (load_preset(args.preset)[0] if args.preset else "confidence")
-    args.decoder, settings = merged(args.preset, args.decoder, decoder_settings(args, name))
+    settings = apply_preset({"preset": args.preset, **({"decoder": args.decoder} if args.decoder else {})})
+    args.decoder = settings.pop("decoder", "confidence")
+    settings.update(decoder_settings(args))  # options given win over the preset
     settings.setdefault("gen_length", 128)
     settings.setdefault("steps", settings["gen_length"])
     try:

@@ -64,12 +64,9 @@ def decoder_keys(name: str) -> list[str]:
 class DLMEvalModel(TemplateLM):
     def __init__(self, pretrained: str | None = None, **kwargs: Any):
         super().__init__()
-        if kwargs.get("preset") is not None:  # a decode preset (dlm tune); model_args given win
-            from dlm.decode.presets import merged
+        from dlm.decode.presets import apply_preset
 
-            name, settings = merged(kwargs.pop("preset"), kwargs.get("decoder"), {})
-            kwargs = {**settings, **kwargs, "decoder": name}
-        kwargs.pop("preset", None)
+        kwargs = apply_preset(kwargs)  # a decode preset (dlm tune); model_args given win
         decoder = str(kwargs.get("decoder", "confidence"))
         if decoder not in decoder_names():
             raise ValueError(f"model_args decoder={decoder!r}; choose one of {', '.join(decoder_names())}")

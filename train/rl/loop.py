@@ -155,13 +155,9 @@ class RLRecipe:
 
 
 def make_decoder(settings: dict[str, Any], greedy: bool = False):
-    s = dict(settings)
-    if s.get("preset") is not None:  # a decode preset (dlm tune); settings beside it win
-        from dlm.decode.presets import merged
+    from dlm.decode.presets import apply_preset
 
-        name, preset = merged(s.pop("preset"), s.get("decoder"), {})
-        s = {**preset, **s, "decoder": name}
-    s.pop("preset", None)
+    s = apply_preset(settings)  # a decode preset (dlm tune); settings beside it win
     name = s.pop("decoder", "confidence")
     if greedy:
         s["temperature"] = 0.0
