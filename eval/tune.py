@@ -144,7 +144,10 @@ def plot(path: Path, results: list[Result], front: list[Result], chosen: Result,
 
 
 def main(args) -> int:
+    from tqdm.auto import tqdm
+
     import dlm
+    from dlm.data import encode_prompts
     from dlm.decode.caches import supported_caches
     from dlm.decode.presets import write_preset
     from dlm.eval.bench_decode import parse_task_args
@@ -160,8 +163,6 @@ def main(args) -> int:
         examples = generate(args.task, args.prompts, seed=1, **task_args)
     except ValueError as exc:  # an unknown task or task argument: the message lists the known ones
         raise ConfigError(f"dlm tune: {exc}") from None
-    from dlm.data import encode_prompts
-
     prompt, pad = encode_prompts(tok, [e["prompt"] for e in examples])
     prompt, pad = prompt.to(args.device), pad.to(args.device)
     answers = [e.get("response") or e.get("answer", "") for e in examples]
@@ -172,8 +173,6 @@ def main(args) -> int:
         raise ConfigError(f"dlm tune: no valid setting in the grid ({reasons}); widen --block-lengths or --caches")
     block0 = next(s["block_length"] for s in tried)
     ref_settings = {"gen_length": gen_length, "steps": gen_length, "block_length": block0, "temperature": 0.0}
-    from tqdm.auto import tqdm
-
     reference = run_setting(model, tok, args.task, examples, prompt, pad, ref_settings, args.seed)
     results = []
     for settings in tqdm(tried, desc="dlm tune"):
