@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.decode.caches import CACHES, Runner, check_cache, make_runner
+from dlm.decode.compiled import backend_of, check_backend, compiled_forward
 from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, resolve_mask_token_id
 from dlm.decode.sampling import sample_categorical
 from dlm.model.modeling import supports_output_mask
@@ -71,6 +72,10 @@ class DecodeConfig:
     newest open block. 1.0 = block by block (no pipelining)."""
     max_open_blocks: int = 2
     """Pipelined blocks: at most this many blocks open at once."""
+    compile: bool | str = False
+    """Run the model's forward under ``torch.compile`` over bucketed shapes (``decode/compiled.py``):
+    ``True`` = inductor (CUDA graphs on GPU), or a ``torch.compile`` backend name (``aot_eager``, …).
+    The same tokens as uncompiled decoding, up to floating-point reassociation."""
 
     def __post_init__(self):
         if self.gen_length < 1:
@@ -104,6 +109,8 @@ class DecodeConfig:
             raise ValueError(f"open_next_at={self.open_next_at} must lie in [0, 1] (1 = no pipelining)")
         if self.max_open_blocks < 1:
             raise ValueError(f"max_open_blocks={self.max_open_blocks} must be >= 1 (1 = no pipelining)")
+        if isinstance(self.compile, str):
+            check_backend(self.compile)
         if self.pipelined and not self.can_pipeline():
             raise ValueError(
                 f"open_next_at={self.open_next_at} pipelines blocks, which needs an in-block policy that decodes "
@@ -376,7 +383,8 @@ class Decoding:
         pad = left_pad_mask(prompt_ids, attention_mask, G)
         rows = B // shared * (2 if cfg.cfg_scale > 0 else 1)
         block_only = supports_output_mask(model)
-        runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only)
+        call = compiled_forward(model, backend_of(cfg.compile)) if cfg.compile else None
+        runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only, call)
         self.logits = Logits(pad, mask_id, cfg, P, runner, shared)
         self.logits.reset(B, device)
         self.history: list[Tensor] = []

@@ -77,8 +77,9 @@ class Runner:
     from which the rows are taken. Nothing of size ``[B, Tb, V]`` is built.
     """
 
-    def __init__(self, model: nn.Module, block_only: bool, mask_id: int):
+    def __init__(self, model: nn.Module, block_only: bool, mask_id: int, call=None):
         self.model, self.block_only, self.mask_id = model, block_only, mask_id
+        self.call = call or model  # the model, or its compiled forward (``decode/compiled.py``)
         self.shifted = is_shifted(model)
 
     def reindex(self, index: Tensor) -> None:
@@ -99,8 +100,8 @@ class Runner:
         """A forward over the whole canvas (writing every column to ``cache`` when given)."""
         if not self.block_only:
             if pad is None:
-                return _logits(self.model(input_ids=x))[:, start:end][wanted]
-            return _logits(self.model(input_ids=x, attention_mask=pad))[:, start:end][wanted]
+                return _logits(self.call(input_ids=x))[:, start:end][wanted]
+            return _logits(self.call(input_ids=x, attention_mask=pad))[:, start:end][wanted]
         return self.fed(x, pad, cache, 0, x.shape[1], start, end, wanted)
 
     def fed(
@@ -124,12 +125,12 @@ class Runner:
         kw = {}
         if cache is not None:
             kw = {"cache": cache, "cache_slots": torch.arange(lo, hi, device=x.device).expand(B, -1)}
-        return _logits(self.model(input_ids=x[:, lo:hi], attention_mask=pad, output_mask=keep, **kw))
+        return _logits(self.call(input_ids=x[:, lo:hi], attention_mask=pad, output_mask=keep, **kw))
 
 
 class ExactRunner(Runner):
-    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int):
-        super().__init__(model, True, mask_id)
+    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int, call=None):
+        super().__init__(model, True, mask_id, call)
         self.cache = cache
         self.committed = 0  # columns [0, committed) are final and their clean K/V are cached
 
@@ -146,8 +147,8 @@ class ExactRunner(Runner):
 class PrefixRunner(Runner):
     """Prefix (``dual=False``) and dual (``dual=True``) caches."""
 
-    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int, dual: bool):
-        super().__init__(model, True, mask_id)
+    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int, dual: bool, call=None):
+        super().__init__(model, True, mask_id, call)
         self.cache, self.dual = cache, dual
 
     def reindex(self, index: Tensor) -> None:
@@ -161,8 +162,8 @@ class PrefixRunner(Runner):
 
 
 class DelayedRunner(Runner):
-    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int, refresh_every: int):
-        super().__init__(model, True, mask_id)
+    def __init__(self, model: nn.Module, cache: KVCache, mask_id: int, refresh_every: int, call=None):
+        super().__init__(model, True, mask_id, call)
         self.cache, self.refresh_every = cache, refresh_every
         self.seen: Tensor | None = None  # [B, T] token whose K/V each slot holds (-1: none)
         self.since_refresh = 0  # model calls since the last full forward
@@ -205,22 +206,37 @@ class DelayedRunner(Runner):
         keep = scored.gather(1, slots) & first
         # slots increase along a row, so the rows come out in the row-major order of ``wanted``
         logits = _logits(
-            self.model(input_ids=tokens, attention_mask=pad, cache=self.cache, cache_slots=slots, output_mask=keep)
+            self.call(input_ids=tokens, attention_mask=pad, cache=self.cache, cache_slots=slots, output_mask=keep)
         )
         self.seen.scatter_(1, slots, tokens)
         return logits
 
 
 def make_runner(
-    name: str, model: nn.Module, batch: int, length: int, mask_id: int, refresh_every: int, block_only: bool
+    name: str,
+    model: nn.Module,
+    batch: int,
+    length: int,
+    mask_id: int,
+    refresh_every: int,
+    block_only: bool,
+    call=None,
 ) -> Runner:
+    """The runner of cache policy ``name``; ``call`` replaces the model's own forward (compiled decoding)."""
     if name == "none":
-        return Runner(model, block_only, mask_id)
-    cache = KVCache.for_model(model, batch, length)
+        return Runner(model, block_only, mask_id, call)
+    if name not in CACHES:
+        raise ValueError(f"cache={name!r}; choose one of {', '.join(CACHES)}")
+    lease = None
+    if hasattr(call, "lend"):  # a compiled forward lends a static cache for as long as the runner holds the lease
+        cache, lease = call.lend(batch, length)
+    else:
+        cache = KVCache.for_model(model, batch, length)
     if name == "exact":
-        return ExactRunner(model, cache, mask_id)
-    if name in ("prefix", "dual"):
-        return PrefixRunner(model, cache, mask_id, dual=name == "dual")
-    if name == "delayed":
-        return DelayedRunner(model, cache, mask_id, refresh_every)
-    raise ValueError(f"cache={name!r}; choose one of {', '.join(CACHES)}")
+        runner = ExactRunner(model, cache, mask_id, call)
+    elif name in ("prefix", "dual"):
+        runner = PrefixRunner(model, cache, mask_id, dual=name == "dual", call=call)
+    else:
+        runner = DelayedRunner(model, cache, mask_id, refresh_every, call)
+    runner.lease = lease
+    return runner

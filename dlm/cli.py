@@ -61,6 +61,7 @@ DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
     "refresh_every": "refresh_every",
     "open_next_at": "open_next_at",
     "max_open_blocks": "max_open_blocks",
+    "compile": "compile",
 }
 
 
@@ -99,7 +100,7 @@ def decoder_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+def add_speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--open-next-at",
         type=float,
@@ -109,6 +110,14 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-open-blocks", type=int, default=None, help="pipelined blocks: at most this many open (default 2)"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        default=None,
+        help="run the model's forward under torch.compile (CUDA graphs on GPU); the first decode compiles "
+        "(default off)",
     )
 
 
@@ -378,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache: exact (lossless, block-causal models), prefix / dual (Fast-dLLM), delayed (dKV-Cache)",
     )
     p.add_argument("--refresh-every", type=int, default=None, help="delayed cache: full refresh every r calls")
-    add_pipeline_options(p)
+    add_speed_options(p)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--show", action="store_true", help="replay the unmasking step by step in the terminal")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
@@ -441,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--refresh-every", type=int, default=None)
-    add_pipeline_options(p)
+    add_speed_options(p)
     p.add_argument("--preset", default=None, help="decode preset YAML (dlm tune writes one); options given win")
     p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo samples per loglikelihood (default 128)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default 8)")
@@ -526,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--refresh-every", type=int, default=8, help="delayed cache refresh interval")
     b.add_argument(
         "--open-next-at", type=float, default=0.5, help="the pipelined decoder's block-opening fraction (default 0.5)"
+    )
+    b.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "on", "both"],
+        help="decode with the compiled forward: on, or both (uncompiled and compiled side by side); default off",
     )
     b.add_argument("--max-open-blocks", type=int, default=2, help="the pipelined decoder's open blocks (default 2)")
     b.add_argument("--task", default=None, help="score generations on a generated task (dlm.tasks), e.g. repeat")

@@ -10,8 +10,10 @@ and the sampler overhead (the rest), generated tokens/s (prompt tokens excluded)
 memory (CUDA: allocator peak; CPU: peak resident-set growth, sampled), and with ``--task`` the
 task score of the generations. Speedups are against the same decoder without a cache at the
 same length, batch and steps; ``combined`` is threshold decoding + the given cache against
-one-token-per-step confidence decoding without a cache. A table goes to the terminal, every
-figure to ``--json``.
+one-token-per-step confidence decoding without a cache. ``--compile on|both`` decodes with the
+compiled forward (cache column ``+c``; ``both`` also uncompiled, side by side): a compiled row
+decodes once untimed first (``compile_s`` in the JSON), and ``compile`` is its speedup over the
+same row uncompiled. A table goes to the terminal, every figure to ``--json``.
 Expected NFE: first_hitting exactly L; ancestral with the no-change cache N·(1 − (1 − 1/N)^L)
 for one block (per block with semi-AR).
 """
@@ -28,7 +30,9 @@ from torch import nn
 
 from dlm.decode import build_decoder
 from dlm.decode.caches import supported_caches
+from dlm.decode.compiled import compiled_forward
 from dlm.model import DLMConfig, DLMModel
+from dlm.tasks import score
 
 
 @dataclass(frozen=True)
@@ -80,13 +84,33 @@ class TimedModel(nn.Module):
         self.supports_kv_cache = getattr(model, "supports_kv_cache", False)
 
     def forward(self, **kwargs):
+        return self.timed(self.model, **kwargs)
+
+    def timed(self, fn, *args, **kwargs):
         sync = torch.cuda.synchronize if next(self.model.parameters()).is_cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        out = self.model(**kwargs)
+        out = fn(*args, **kwargs)
         sync()
         self.seconds += time.perf_counter() - t0
         return out
+
+    def compiled_forward(self, backend: str, mode: str | None):
+        """Compiled decoding times the inner model's compiled forward."""
+        return TimedCall(self, compiled_forward(self.model, backend, mode))
+
+
+class TimedCall:
+    """A compiled forward whose calls are timed by a :class:`TimedModel`."""
+
+    def __init__(self, timer: TimedModel, call):
+        self.timer, self.call = timer, call
+
+    def lend(self, batch: int, length: int):
+        return self.call.lend(batch, length)
+
+    def __call__(self, **kwargs):
+        return self.timer.timed(self.call, **kwargs)
 
 
 class PeakMemory:
@@ -149,6 +173,71 @@ def decoder_grid(
              "open_next_at": open_next_at, "max_open_blocks": max_open_blocks},
         ),
     }  # fmt: skip
+
+
+def bench_row(args, model: TimedModel, label, name, kw, cache, compiled, gen_length, steps, prompt, pad) -> dict:
+    """Decode once with these settings and time it; a compiled row first decodes once untimed
+    (``compile_s``: the graphs it compiles), then times a decode over the compiled graphs."""
+    decoder = build_decoder(
+        name,
+        gen_length=gen_length,
+        eos_token_id=None,
+        cache=cache,
+        refresh_every=args.refresh_every,
+        compile=compiled,
+        **({"temperature": 0.0} if args.task and name == "confidence" else {}),
+        **kw,
+    )
+    compile_s = None
+    if compiled:
+        t0 = time.perf_counter()
+        decoder(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0))
+        compile_s = time.perf_counter() - t0
+    model.seconds = 0.0
+    with PeakMemory(args.device) as mem:
+        t0 = time.perf_counter()
+        out = decoder(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0))
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    nfe = out.nfe.double().mean().item()
+    batch = prompt.shape[0]
+    expected = {
+        "first_hitting": float(gen_length),
+        "ancestral": expected_ancestral_nfe(steps, gen_length, gen_length // args.block_length),
+    }.get(label)
+    return {
+        "decoder": label,
+        "cache": cache,
+        "compiled": bool(compiled),
+        "gen_length": gen_length,
+        "batch_size": batch,
+        "steps": steps,
+        "nfe": nfe,
+        "expected_nfe": expected,
+        "model_calls": out.model_calls,
+        "wall_s": wall,
+        "latency_s": wall,
+        "compile_s": compile_s,
+        "model_s": model.seconds,
+        "overhead": 1 - model.seconds / wall,
+        "tokens_per_s": batch * gen_length / wall,
+        "tokens_per_forward": gen_length / nfe,
+        "peak_memory_mb": mem.peak_mb,
+        "generated": out.generated,
+    }
+
+
+def format_row(row: dict, scored: bool) -> str:
+    exp = f"{row['expected_nfe']:7.1f}" if row["expected_nfe"] is not None else f"{'—':>7s}"
+    speed = f"{row['speedup_vs_no_cache']:6.2f}x" if row["speedup_vs_no_cache"] else f"{'—':>7s}"
+    comp = f"{row['compile_speedup']:6.2f}x" if row["compile_speedup"] else f"{'—':>7s}"
+    cache = row["cache"] + ("+c" if row["compiled"] else "")
+    return (
+        f"{row['decoder']:14s} {cache:>9s} {row['gen_length']:5d} {row['batch_size']:5d} {row['nfe']:7.1f} {exp} "
+        f"{row['tokens_per_forward']:5.1f} {row['wall_s']:8.2f} {row['overhead']:8.1%} {row['tokens_per_s']:8.1f} "
+        f"{speed} {comp} {row['peak_memory_mb']:7.1f}" + (f" {row['score']:6.3f}" if scored else "")
+    )
 
 
 def load_model(args) -> tuple[nn.Module, object | None, str]:
@@ -247,11 +336,13 @@ def main(args) -> int:
         f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads)"
     )
     header = (
-        f"{'decoder':14s} {'cache':>8s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'TPF':>5s} {'wall s':>8s} "
-        f"{'overhead':>8s} {'tok/s':>8s} {'speedup':>7s} {'mem MB':>7s}" + (f" {'score':>6s}" if args.task else "")
+        f"{'decoder':14s} {'cache':>9s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'TPF':>5s} {'wall s':>8s} "
+        f"{'overhead':>8s} {'tok/s':>8s} {'speedup':>7s} {'compile':>7s} {'mem MB':>7s}"
+        + (f" {'score':>6s}" if args.task else "")
     )
     print(header, flush=True)
     wanted = args.decoders.split(",") if args.decoders else ["ancestral", "first_hitting", "confidence", "threshold"]
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
     for gen_length in args.gen_lengths:
         steps = gen_length if args.steps is None else args.steps
@@ -262,71 +353,32 @@ def main(args) -> int:
             else:
                 prompt = torch.randint(0, cfg.vocab_size - 1, (batch, args.prompt_length), device=args.device)
                 pad, examples = None, None
-            baseline: dict[str, float] = {}
+            baseline: dict[str, float] = {}  # decoder -> wall s without cache or compile
+            uncompiled: dict[tuple[str, str], float] = {}  # (decoder, cache) -> wall s without compile
             for label in wanted:
                 name, kw = grid[label]
                 for cache in caches:
-                    decoder = build_decoder(
-                        name,
-                        gen_length=gen_length,
-                        eos_token_id=None,
-                        cache=cache,
-                        refresh_every=args.refresh_every,
-                        **({"temperature": 0.0} if args.task and name == "confidence" else {}),
-                        **kw,
-                    )
-                    model.seconds = 0.0
-                    with PeakMemory(args.device) as mem:
-                        t0 = time.perf_counter()
-                        out = decoder(model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(0))
-                        if args.device.startswith("cuda"):
-                            torch.cuda.synchronize()
-                        wall = time.perf_counter() - t0
-                    nfe = out.nfe.double().mean().item()
-                    expected = {
-                        "first_hitting": float(gen_length),
-                        "ancestral": expected_ancestral_nfe(steps, gen_length, gen_length // args.block_length),
-                    }.get(label)
-                    if cache == "none":
-                        baseline[label] = wall
-                    ref = baseline.get(label)
-                    row = {
-                        "decoder": label,
-                        "cache": cache,
-                        "gen_length": gen_length,
-                        "batch_size": batch,
-                        "steps": steps,
-                        "nfe": nfe,
-                        "expected_nfe": expected,
-                        "model_calls": out.model_calls,
-                        "wall_s": wall,
-                        "latency_s": wall,
-                        "model_s": model.seconds,
-                        "overhead": 1 - model.seconds / wall,
-                        "tokens_per_s": batch * gen_length / wall,
-                        "tokens_per_forward": gen_length / nfe,
-                        "speedup_vs_no_cache": ref / wall if ref else None,
-                        "combined_vs_confidence_no_cache": (
-                            baseline["confidence"] / wall
+                    for compiled in compile_modes:
+                        row = bench_row(args, model, label, name, kw, cache, compiled, gen_length, steps, prompt, pad)
+                        if examples is not None:
+                            texts = tok.batch_decode(row.pop("generated"), skip_special_tokens=True)
+                            row["score"] = sum(score(args.task, e, t) for e, t in zip(examples, texts)) / len(texts)
+                        row.pop("generated", None)
+                        if cache == "none" and not compiled:
+                            baseline[label] = row["wall_s"]
+                        if not compiled:
+                            uncompiled[(label, cache)] = row["wall_s"]
+                        ref = baseline.get(label)
+                        row["speedup_vs_no_cache"] = ref / row["wall_s"] if ref else None
+                        row["combined_vs_confidence_no_cache"] = (
+                            baseline["confidence"] / row["wall_s"]
                             if label in ("threshold", "pipelined") and "confidence" in baseline
                             else None
-                        ),
-                        "peak_memory_mb": mem.peak_mb,
-                    }
-                    if examples is not None:
-                        texts = tok.batch_decode(out.generated, skip_special_tokens=True)
-                        from dlm.tasks import score
-
-                        row["score"] = sum(score(args.task, e, t) for e, t in zip(examples, texts)) / len(texts)
-                    rows.append(row)
-                    exp = f"{expected:7.1f}" if expected is not None else f"{'—':>7s}"
-                    speed = f"{row['speedup_vs_no_cache']:6.2f}x" if ref else f"{'—':>7s}"
-                    print(
-                        f"{label:14s} {cache:>8s} {gen_length:5d} {batch:5d} {nfe:7.1f} {exp} {row['tokens_per_forward']:5.1f} {wall:8.2f} "
-                        f"{row['overhead']:8.1%} {row['tokens_per_s']:8.1f} {speed} {mem.peak_mb:7.1f}"
-                        + (f" {row['score']:6.3f}" if examples is not None else ""),
-                        flush=True,
-                    )
+                        )
+                        plain = uncompiled.get((label, cache))
+                        row["compile_speedup"] = plain / row["wall_s"] if compiled and plain else None
+                        rows.append(row)
+                        print(format_row(row, examples is not None), flush=True)
     combined = [r for r in rows if r["combined_vs_confidence_no_cache"]]
     for r in combined:
         print(

@@ -25,6 +25,7 @@ MODEL_OPTIONS = (  # CLI option -> model_args key (None values are left out)
     "open_next_at",
     "preset",
     "max_open_blocks",
+    "compile",
     "mc_num",
     "batch_size",
     "device",

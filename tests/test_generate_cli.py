@@ -245,3 +245,20 @@ def test_remasking_rules_decode_the_positions_their_score_ranks_first(remasking,
     step_of = dict(zip("XYZ", out.step_map[0, 2:].tolist()))
     assert sorted(step_of, key=step_of.get) == order  # one position per step, best score first
     assert out.generated[0].tolist() == [0, 0, 0]
+
+
+def test_generate_compile_decodes_with_the_compiled_forward_and_the_same_greedy_text(
+    trained, capsys, decoded, monkeypatch
+):
+    import dlm.decode.blocks
+    from dlm.decode.compiled import CompiledForward
+
+    plain, _ = generate(trained, capsys, "--temperature", "0", "--cache", "dual")
+    monkeypatch.setattr(dlm.decode.blocks, "backend_of", lambda setting: "eager")  # dynamo's tracing, no inductor
+    calls = []
+    real_call = CompiledForward.__call__
+    monkeypatch.setattr(
+        CompiledForward, "__call__", lambda self, *a, **kw: calls.append(1) or real_call(self, *a, **kw)
+    )
+    compiled, _ = generate(trained, capsys, "--temperature", "0", "--cache", "dual", "--compile")
+    assert decoded[-1][0].compile is True and compiled == plain and calls  # decoded through the compiled forward

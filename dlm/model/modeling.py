@@ -401,7 +401,7 @@ class DLMModel(DLMPreTrainedModel):
                 cache_slots = torch.arange(seq_len, device=device).expand(batch_size, -1)
             cache.check_slots(cache_slots)
             cache.mark_valid(cache_slots)
-            filled = cache.filled  # keys are read from slots [0, filled) only
+            filled = cache.attended  # keys are read from slots [0, filled) only
             q_idx, kv_idx = cache_slots, torch.arange(filled, device=device)
             key_valid = cache.valid[:, :filled]
             if padding is not None:
@@ -425,11 +425,72 @@ class DLMModel(DLMPreTrainedModel):
         if key_valid is not None:
             kv_mask = key_valid[:, None, None, :]
             mask = kv_mask if mask is None else mask & kv_mask
-        if cache is not None and bool(mask.all()):
+        if cache is not None and not cache.static and bool(mask.all()):
             return AttentionSpec(None, False, cache_slots), positions  # e.g. a block over its full prefix
         # A query that sees no key (a padding row under a causal mask) would give NaN: let it see all.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
         return AttentionSpec(mask, False, cache_slots), positions
+
+    def prepare(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_slots: Tensor | None = None,
+        attn_mode: str | None = None,
+        block_size: int | None = None,
+    ) -> tuple[AttentionSpec, Tensor, Tensor]:
+        """What every layer of one forward shares: the attention pattern and RoPE's cos/sin.
+
+        The host-side part of a forward (checks, masks, positions); :meth:`trunk` is the part a compiled
+        decode runs as a graph (``dlm.decode.compiled``)."""
+        B, T = input_ids.shape
+        limit = self.config.max_position_embeddings
+        if (
+            position_ids is None
+            and cache is None
+            and T > limit
+            and not (
+                attention_mask is not None and attention_mask.dim() == 2 and int(attention_mask.sum(-1).max()) <= limit
+            )
+        ):  # left padding takes no positions
+            raise ValueError(
+                f"input length {T} exceeds the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings}); shorten the input or raise rope_scaling_factor"
+            )
+        spec, default_positions = self.attention_spec(
+            B, T, attention_mask, cache, cache_slots, attn_mode, block_size, input_ids.device
+        )
+        if self.config.attn_backend == "flex":
+            kv_len = T if cache is None else cache.attended
+            spec.block_mask = flex_block_mask(spec.mask, spec.is_causal, T, kv_len, input_ids.device)
+        cos, sin = self.rotary(default_positions if position_ids is None else position_ids)
+        return spec, cos, sin
+
+    def trunk(self, input_ids: Tensor, cos: Tensor, sin: Tensor, spec: AttentionSpec, cache: KVCache | None) -> Tensor:
+        """The final hidden states ``[B, T, H]`` (embedding, layers, norm): fixed shapes, no host sync."""
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, spec, cache, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, spec, cache, i)
+        return self.norm(h)
+
+    def head(self, h: Tensor, output_mask: Tensor | None = None, logits_from: Tensor | None = None) -> Tensor:
+        """Logits of the final hidden states ``h`` ``[B, T, H]``: shifted per ``config.logits_shift`` /
+        ``logits_from``, at the ``output_mask`` positions only (``[N, V]``) when given."""
+        B, T = h.shape[:2]
+        if self.config.logits_shift:
+            if logits_from is None:
+                h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+            else:
+                index = logits_from.expand(B, T) if logits_from.dim() == 1 else logits_from
+                h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
+        if output_mask is not None:
+            h = h[output_mask]
+        return self.lm_head(h)
 
     def forward(
         self,
@@ -455,41 +516,6 @@ class DLMModel(DLMPreTrainedModel):
         columns ``[lo, hi)`` must feed the column before the first one whose logits it reads."""
         if unused:
             raise TypeError(f"DLMModel.forward got unexpected arguments: {', '.join(sorted(unused))}")
-        B, T = input_ids.shape
-        limit = self.config.max_position_embeddings
-        if (
-            position_ids is None
-            and cache is None
-            and T > limit
-            and not (
-                attention_mask is not None and attention_mask.dim() == 2 and int(attention_mask.sum(-1).max()) <= limit
-            )
-        ):  # left padding takes no positions
-            raise ValueError(
-                f"input length {T} exceeds the model's max_position_embeddings "
-                f"({self.config.max_position_embeddings}); shorten the input or raise rope_scaling_factor"
-            )
-        spec, default_positions = self.attention_spec(
-            B, T, attention_mask, cache, cache_slots, attn_mode, block_size, input_ids.device
-        )
-        if self.config.attn_backend == "flex":
-            kv_len = T if cache is None else cache.filled
-            spec.block_mask = flex_block_mask(spec.mask, spec.is_causal, T, kv_len, input_ids.device)
-        cos, sin = self.rotary(default_positions if position_ids is None else position_ids)
-        h = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, spec, cache, i, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, spec, cache, i)
-        h = self.norm(h)
-        if self.config.logits_shift:
-            if logits_from is None:
-                h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
-            else:
-                index = logits_from.expand(B, T) if logits_from.dim() == 1 else logits_from
-                h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
-        if output_mask is not None:
-            h = h[output_mask]
-        logits = self.lm_head(h)
+        spec, cos, sin = self.prepare(input_ids, attention_mask, position_ids, cache, cache_slots, attn_mode, block_size)
+        logits = self.head(self.trunk(input_ids, cos, sin, spec, cache), output_mask, logits_from)
         return DLMOutput(logits=logits) if return_dict else (logits,)
