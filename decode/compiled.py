@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.model.cache import KVCache
+from dlm.model.modeling import unwrapped
 
 #: graphs one decode may compile before torch.compile gives up on new shapes (dynamo's recompile limit)
 MAX_GRAPHS = 64
@@ -85,6 +86,7 @@ class CompiledForward:
     """
 
     def __init__(self, model: nn.Module, backend: str = "inductor", mode: str | None = None):
+        model = _inner(model)
         self._model = weakref.ref(model)  # held weakly: the per-model registry must not keep the model alive
         device = next(model.parameters()).device
         self.mode = default_mode(device) if mode is None and backend == "inductor" else mode
@@ -191,6 +193,13 @@ def _pad(input_ids: Tensor, slots: Tensor | None, output_mask: Tensor | None, si
     if output_mask is not None:
         output_mask = torch.cat([output_mask, output_mask.new_zeros(B, extra)], dim=1)
     return input_ids, slots, output_mask
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The module whose trunk runs: an engine's wrapper unwrapped, a peft model's base model (its LoRA
+    layers are in it)."""
+    model = unwrapped(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _reason(error: BaseException) -> str:

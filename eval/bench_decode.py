@@ -336,8 +336,8 @@ def main(args) -> int:
         f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads)"
     )
     header = (
-        f"{'decoder':14s} {'cache':>9s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'TPF':>5s} {'wall s':>8s} "
-        f"{'overhead':>8s} {'tok/s':>8s} {'speedup':>7s} {'compile':>7s} {'mem MB':>7s}"
+        f"{'decoder':14s} {'cache':>9s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'TPF':>5s} "
+        f"{'wall s':>8s} {'overhead':>8s} {'tok/s':>8s} {'speedup':>7s} {'compile':>7s} {'mem MB':>7s}"
         + (f" {'score':>6s}" if args.task else "")
     )
     print(header, flush=True)

@@ -35,6 +35,29 @@ def test_bench_decode_grid_writes_every_run(tmp_path, capsys):
     assert "combined: threshold 0.9 + dual" in capsys.readouterr().out
 
 
+def test_bench_decode_compile_both_times_each_row_compiled_beside_uncompiled(tmp_path, capsys, monkeypatch):
+    import dlm.decode.blocks
+
+    monkeypatch.setattr(dlm.decode.blocks, "backend_of", lambda setting: "eager")  # dynamo's tracing, no inductor
+    out = tmp_path / "bench.json"
+    argv = ["bench", "decode", *TINY, "--gen-lengths", "16", "--block-length", "8", "--caches", "none,dual"]
+    assert cli_main([*argv, "--decoders", "threshold", "--compile", "both", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["cache"], r["compiled"]) for r in rows] == [
+        ("none", False),
+        ("none", True),
+        ("dual", False),
+        ("dual", True),
+    ]
+    for plain, compiled in zip(rows[::2], rows[1::2]):
+        assert plain["compile_speedup"] is None and plain["compile_s"] is None
+        assert compiled["compile_speedup"] == pytest.approx(plain["wall_s"] / compiled["wall_s"])
+        assert compiled["compile_s"] > 0 and compiled["nfe"] == plain["nfe"]
+        assert 0 < compiled["model_s"] <= compiled["wall_s"]  # the compiled forward is timed as the model
+    assert rows[1]["speedup_vs_no_cache"] == pytest.approx(rows[0]["wall_s"] / rows[1]["wall_s"])
+    assert "dual+c" in capsys.readouterr().out
+
+
 def test_bench_decode_on_a_block_causal_model_includes_the_exact_cache(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "decode", *TINY, "--gen-lengths", "16", "--block-length", "8", "--model-block", "8"]
@@ -148,7 +171,9 @@ def test_memory_plan_arithmetic_and_command(tmp_path, capsys):
     totals = {e: plan(e, sizes, 4, act).total - act for e in ("ddp", "fsdp2", "zero2", "zero3")}
     assert totals == {"ddp": 16000, "fsdp2": 4000 + 400, "zero2": 2000 + 3500, "zero3": 4000 + 400}
     # 34h + 2i bytes per token per layer, two layers, plus fp32 log-softmax over half the positions
-    assert activations(sizes, rows=1, seq=3, checkpointing=False, scored=0.5) == 2 * (34 * 4 + 16) * 3 + 6 * 10 * 3 * 0.5
+    assert (
+        activations(sizes, rows=1, seq=3, checkpointing=False, scored=0.5) == 2 * (34 * 4 + 16) * 3 + 6 * 10 * 3 * 0.5
+    )
     assert activations(sizes, 1, 3, True, 0.5) == 2 * 4 * 3 * 2 + (34 * 4 + 16) * 3 + 6 * 10 * 3 * 0.5
     out = tmp_path / "plan.json"
     assert cli_main(["bench", "memory", "recipes/sft-llada-8b.yaml", "--shape", "llada-8b", "--json", str(out)]) == 0

@@ -180,3 +180,15 @@ def test_a_static_cache_reindexes_in_place_like_a_dynamic_one():
 def test_an_unknown_compile_backend_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="compile='inductr' is not a torch.compile backend.*inductor"):
         build_decoder("confidence", gen_length=8, steps=8, compile="inductr")
+
+
+def test_a_lora_model_decodes_compiled_through_its_base_model_with_the_adapters_on():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(sharp_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.double()
+    prompt = torch.randint(0, MASK, (2, 7), generator=torch.Generator().manual_seed(5))
+    plain = decode(model, prompt, cache="dual")
+    assert_same(decode(model, prompt, cache="dual", compile="eager"), plain)
+    with model.disable_adapter():  # the adapters change the tokens: the compiled run really used them
+        assert not torch.equal(decode(model, prompt, cache="dual").tokens, plain.tokens)
