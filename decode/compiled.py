@@ -78,9 +78,10 @@ class CompiledForward:
     """Calls like the model (``input_ids``, ``attention_mask``, ``output_mask``, ``cache``, ``cache_slots``)
     and returns its logits, running the trunk compiled over bucketed shapes.
 
-    Every call goes through a static cache of ``bucket(T)`` slots for a ``T``-column canvas — a
-    cache-less call over a scratch one, whose slots it rewrites — so prompts of different lengths share
-    graphs. Caches are lent to decodes (:meth:`lend`) and reused once their decode is over: their
+    Every cached call goes through a static cache of ``bucket(T)`` slots for a ``T``-column canvas, so
+    prompts of different lengths share graphs. A cache-less call over an unpadded canvas runs as it is
+    (no mask: the fastest attention kernels; a graph per canvas length); over a ragged batch it uses a
+    scratch static cache, whose slots it rewrites. Caches are lent to decodes (:meth:`lend`) and reused once their decode is over: their
     addresses stay fixed, which CUDA graphs need. ``backend`` / ``mode`` go to ``torch.compile``
     (``mode=None``: :func:`default_mode`); ``shapes`` records the distinct trunk shapes met.
     """
@@ -127,7 +128,14 @@ class CompiledForward:
             )
         cache: KVCache | None = kw.get("cache")
         slots, output_mask = kw.get("cache_slots"), kw.get("output_mask")
-        if cache is None:  # the whole canvas, over a scratch cache whose slots it rewrites
+        model = self.model
+        if cache is None and attention_mask is None:  # the whole canvas, unpadded: no mask, the fastest kernels
+            spec, cos, sin = model.prepare(input_ids)
+            self.shapes.add(tuple(input_ids.shape))  # one graph per canvas length
+            return model.head(
+                self._run(lambda fn: fn(model, input_ids.contiguous(), cos, sin, spec, None)), output_mask
+            )
+        if cache is None:  # the whole canvas of a ragged batch, over a scratch cache whose slots it rewrites
             B, T = input_ids.shape
             key = (B, bucket(T, max(T, self.model.config.max_position_embeddings)))
             cache = self.scratch.get(key) or self.scratch.setdefault(
@@ -143,7 +151,6 @@ class CompiledForward:
             )
         input_ids, slots, output_mask = _pad(input_ids, slots, output_mask, bucket(input_ids.shape[1], S))
         input_ids = input_ids.contiguous()  # a slice of the canvas has the canvas's stride: a graph per canvas
-        model = self.model
         spec, cos, sin = model.prepare(input_ids, attention_mask, cache=cache, cache_slots=slots)
         self.shapes.add((*input_ids.shape, S))
         hidden = self._run(lambda fn: fn(model, input_ids, cos, sin, spec, cache))

@@ -76,6 +76,13 @@ def test_compiled_decoding_gives_the_uncompiled_tokens_with_every_cache(model_kw
     assert forward.failed is None and forward.shapes  # the compiled trunk ran: no silent fallback
 
 
+def test_an_unpadded_canvas_without_a_cache_compiles_maskless_at_its_own_length():
+    model = sharp_model()
+    prompt = torch.randint(0, MASK, (3, 7), generator=torch.Generator().manual_seed(6))
+    assert_same(decode(model, prompt, compile="eager"), decode(model, prompt))
+    assert compiled_forward(model, "eager").shapes == {(3, 23)}  # the canvas itself, no scratch cache
+
+
 def test_compiled_pipelined_decoding_and_guidance_give_the_uncompiled_tokens():
     model = sharp_model()
     prompt = torch.randint(0, MASK, (2, 7), generator=torch.Generator().manual_seed(1))
