@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from dlm.decode.caches import _logits
 from dlm.model.cache import KVCache
 from dlm.model.modeling import unwrapped
 
@@ -81,9 +82,9 @@ class CompiledForward:
     Every cached call goes through a static cache of ``bucket(T)`` slots for a ``T``-column canvas, so
     prompts of different lengths share graphs. A cache-less call over an unpadded canvas runs as it is
     (no mask: the fastest attention kernels; a graph per canvas length); over a ragged batch it uses a
-    scratch static cache, whose slots it rewrites. Caches are lent to decodes (:meth:`lend`) and reused once their decode is over: their
-    addresses stay fixed, which CUDA graphs need. ``backend`` / ``mode`` go to ``torch.compile``
-    (``mode=None``: :func:`default_mode`); ``shapes`` records the distinct trunk shapes met.
+    scratch static cache, whose slots it rewrites. Caches are lent to decodes (:meth:`lend`) and reused
+    once their decode is over: their addresses stay fixed, which CUDA graphs need. ``backend`` / ``mode``
+    go to ``torch.compile`` (``mode=None``: :func:`default_mode`); ``shapes`` records the trunk shapes met.
     """
 
     def __init__(self, model: nn.Module, backend: str = "inductor", mode: str | None = None):
@@ -219,7 +220,3 @@ def _reason(error: BaseException) -> str:
 
 def _whole(model: nn.Module, **kw):
     return model(**kw)
-
-
-def _logits(out) -> Tensor:
-    return out.logits if hasattr(out, "logits") else out
