@@ -80,6 +80,7 @@ class Runner:
     def __init__(self, model: nn.Module, block_only: bool, mask_id: int, call=None):
         self.model, self.block_only, self.mask_id = model, block_only, mask_id
         self.call = call or model  # the model, or its compiled forward (``decode/compiled.py``)
+        self.lease = None  # held while a compiled forward lends this runner its static cache
         self.shifted = is_shifted(model)
 
     def reindex(self, index: Tensor) -> None:

@@ -107,9 +107,13 @@ class CompiledForward:
     def model(self) -> nn.Module:
         return self._model()
 
+    def slots(self, length: int) -> int:
+        """The slots of a static cache for a ``length``-column canvas: its bucket."""
+        return bucket(length, max(length, self.model.config.max_position_embeddings))
+
     def lend(self, batch: int, length: int) -> tuple[KVCache, Lease]:
         """An empty static cache for a ``batch × length`` canvas, lent until its lease is garbage."""
-        key = (batch, bucket(length, self.model.config.max_position_embeddings))
+        key = (batch, self.slots(length))
         free = [c for c in self.pool.setdefault(key, []) if id(c) not in self.busy]
         if free:
             cache = free[0]
@@ -137,11 +141,10 @@ class CompiledForward:
                 self._run(lambda fn: fn(model, input_ids.contiguous(), cos, sin, spec, None)), output_mask
             )
         if cache is None:  # the whole canvas of a ragged batch, over a scratch cache whose slots it rewrites
-            B, T = input_ids.shape
-            key = (B, bucket(T, max(T, self.model.config.max_position_embeddings)))
-            cache = self.scratch.get(key) or self.scratch.setdefault(
-                key, KVCache.for_model(self.model, *key).make_static()
-            )
+            key = (input_ids.shape[0], self.slots(input_ids.shape[1]))
+            if key not in self.scratch:
+                self.scratch[key] = KVCache.for_model(model, *key).make_static()
+            cache = self.scratch[key]
             cache.valid.zero_()
         elif not cache.static:
             raise ValueError("a compiled forward needs a static cache (CompiledForward.lend)")

@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_model
 from dlm.decode import build_decoder
-from dlm.decode.compiled import bucket, compiled_forward
+from dlm.decode.compiled import bucket, compiled_forward, default_mode
 from dlm.model import KVCache
 
 MASK = 63
@@ -117,6 +117,7 @@ def test_inductor_compiled_decoding_gives_the_uncompiled_greedy_tokens():
     assert torch.equal(compiled.tokens, plain.tokens) and torch.equal(compiled.step_map, plain.step_map)
     forward = compiled_forward(model)
     assert forward.failed is None and forward.mode == "default"  # CPU: inductor without CUDA graphs
+    assert default_mode(torch.device("cuda", 0)) == "reduce-overhead"  # CUDA: captured as CUDA graphs
 
 
 def test_a_backend_that_fails_warns_once_and_decoding_continues_uncompiled():
