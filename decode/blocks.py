@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dlm.decode.caches import CACHES, Runner, check_cache, make_runner
 from dlm.decode.compiled import backend_of, check_backend, compiled_forward
 from dlm.decode.output import DecodeOutput, check_context, left_pad_mask, resolve_mask_token_id
-from dlm.decode.sampling import sample_categorical
+from dlm.decode.sampling import Scratch, sample_categorical
 from dlm.model.modeling import supports_output_mask
 from dlm.schedules import build_schedule
 
@@ -387,6 +387,7 @@ class Decoding:
         runner = make_runner(cfg.cache, model, rows, P + G, mask_id, cfg.refresh_every, block_only, call)
         self.logits = Logits(pad, mask_id, cfg, P, runner, shared)
         self.logits.reset(B, device)
+        self.scratch = Scratch()  # the sampler's [N, V] buffer, reused step after step
         self.history: list[Tensor] = []
         self.block_len = G // cfg.num_blocks
         self.block = 0  # index of the oldest open (or next) block
@@ -460,7 +461,8 @@ class Decoding:
             state = BlockState(
                 x, start, masked, self.step_in_block, self.block_steps, partial(self.logits, x, start, end, eligible)
             )
-            decode, tokens, lp = self.policy.step(state, self.generator)
+            with self.scratch.active():
+                decode, tokens, lp = self.policy.step(state, self.generator)
             decode &= masked
             block = x[:, start:end]
             block[decode] = tokens[decode].to(x.dtype)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from dlm.decode import DECODERS
 from dlm.decode.blocks import BlockState, DecodeConfig
-from dlm.decode.sampling import sample_categorical, uniforms
+from dlm.decode.sampling import sample_categorical, uniforms, work_like
 
 REMASKING = ("confidence", "margin", "entropy", "random")
 RULES = ("schedule", "threshold", "factor")
@@ -43,7 +43,8 @@ def scores(logits_NV: Tensor, tokens_N: Tensor, kind: str, generator) -> Tensor:
     """Per-candidate score (higher = decode sooner); float32 over the model distribution."""
     if kind == "random":
         return uniforms(tokens_N.shape[0], generator, tokens_N.device).float()
-    logp = torch.log_softmax(logits_NV.float(), dim=-1)
+    logits = logits_NV.float()
+    logp = torch.log_softmax(logits, dim=-1, out=work_like(logits))
     if kind == "confidence":
         return logp.gather(-1, tokens_N[:, None]).squeeze(-1).exp()
     if kind == "margin":

@@ -7,7 +7,7 @@ from torch import nn
 from conftest import tiny_model
 from dlm.decode.ancestral import AncestralDecoder
 from dlm.decode.autoregressive import AutoregressiveDecoder
-from dlm.decode.sampling import sample_categorical
+from dlm.decode.sampling import Scratch, sample_categorical
 
 
 class ConstantModel(nn.Module):
@@ -188,3 +188,41 @@ def test_half_precision_logits_are_sampled_in_float32_and_a_short_last_chunk_is_
     peaked[torch.arange(4), torch.tensor([3, 255, 256, 299])] = 30.0  # the mass on one token per row
     tokens, logp = sample_categorical(peaked, 1.0, torch.Generator().manual_seed(2))
     assert tokens.tolist() == [3, 255, 256, 299] and torch.allclose(logp, torch.zeros(4, dtype=torch.float64))
+
+
+def test_a_decode_scratch_reuses_one_buffer_and_changes_no_draw():
+    """Within a decode the sampler's [N, V] working tensor is one reused buffer (on the CPU a fresh
+    one is a page-faulting mapping); the tokens and log-probs equal those of fresh allocations."""
+    logits = torch.randn(6, 300, dtype=torch.float32)
+    logits[:, 7] = float("-inf")
+    fresh = [sample_categorical(logits, t, torch.Generator().manual_seed(0)) for t in (1.0, 0.0, 0.7)]
+    scratch = Scratch()
+    with scratch.active():
+        reused = [sample_categorical(logits, 1.0, torch.Generator().manual_seed(0))]
+        buffer, flat = scratch.flat.data_ptr(), scratch.flat
+        reused += [sample_categorical(logits[:4], t, torch.Generator().manual_seed(0)) for t in (0.0, 0.7)]
+        assert scratch.flat is flat  # smaller draws reuse it
+    for (tok, lp), (rtok, rlp) in zip(fresh, reused):
+        n = rtok.shape[0]
+        assert torch.equal(tok[:n], rtok) and torch.equal(lp[:n], rlp)
+        assert rlp.untyped_storage().data_ptr() != buffer  # nothing returned aliases the buffer
+    kept = scratch.flat.clone()
+    sample_categorical(logits * 2, 1.0, None)  # outside the decode: the buffer is not touched
+    assert torch.equal(scratch.flat, kept)
+
+
+def test_decoding_steps_sample_in_the_decode_scratch(monkeypatch):
+    import dlm.decode.confidence as confidence
+    from dlm.decode import build_decoder
+    from dlm.decode.sampling import _SCRATCH
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(_SCRATCH.get())
+        return sample_categorical(*args, **kwargs)
+
+    monkeypatch.setattr(confidence, "sample_categorical", spy)
+    decoder = build_decoder("confidence", gen_length=8, steps=8, block_length=4, eos_token_id=None)
+    decoder(tiny_model(), torch.randint(0, 20, (2, 3)), generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 8 and seen[0] is not None and all(s is seen[0] for s in seen)  # one scratch, every step
