@@ -31,7 +31,7 @@ class Scratch:
     On the CPU a fresh tensor of this size (N = 256 candidates at V = 126,464 is 130 MB) is a new
     mapping from the operating system, and its page faults cost more than the softmax that fills
     it: 2.4 ns per element fresh against 1.0 into a reused buffer on a 2-core Xeon. CUDA's caching
-    allocator already reuses memory, so on other devices :meth:`empty` is a plain allocation.
+    allocator already reuses memory, so on other devices :meth:`empty_like` is a plain allocation.
     A decode enters :meth:`active` around each step; :func:`sample_categorical` then works in this
     buffer. Nothing it returns aliases the buffer.
     """
@@ -39,9 +39,10 @@ class Scratch:
     def __init__(self):
         self.flat: Tensor | None = None
 
-    def empty(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def empty_like(self, like: Tensor) -> Tensor:
         if like.device.type != "cpu":
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
+            return torch.empty_like(like)
+        shape = tuple(like.shape)
         n = math.prod(shape)
         if self.flat is None or self.flat.dtype != like.dtype or self.flat.numel() < n:
             self.flat = None  # free the old buffer before the new one is allocated
@@ -63,7 +64,7 @@ _SCRATCH: ContextVar[Scratch | None] = ContextVar("dlm_sampler_scratch", default
 def work_like(like: Tensor) -> Tensor:
     """An uninitialised tensor shaped like ``like``: the active decode's buffer, or a new one."""
     scratch = _SCRATCH.get()
-    return torch.empty_like(like) if scratch is None else scratch.empty(tuple(like.shape), like)
+    return torch.empty_like(like) if scratch is None else scratch.empty_like(like)
 
 
 def filter_logits(logits_NV: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
