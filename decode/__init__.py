@@ -15,17 +15,22 @@ from typing import Any
 
 from dlm.registry import Registry
 
-DECODERS: Registry[type] = Registry("decoder")
+DECODERS: Registry[type] = Registry(
+    "decoder",
+    builtins={
+        "ancestral": "dlm.decode.ancestral",
+        "first_hitting": "dlm.decode.first_hitting",
+        "confidence": "dlm.decode.confidence",
+    },
+)
+CACHES = ("none", "exact", "prefix", "dual", "delayed")  # see dlm.decode.caches
 
 
 def build_decoder(name: str, **cfg: Any):
     """A decoder from its registry name and settings; unknown names and keys list what exists."""
-    from dlm.decode import ancestral, confidence, first_hitting  # noqa: F401  (register the built-ins)
-
     return DECODERS.build(name, **cfg)
 
 
 def decoder_names() -> list[str]:
-    from dlm.decode import ancestral, confidence, first_hitting  # noqa: F401
-
+    """The registered decoders (the built-ins without importing them)."""
     return DECODERS.names()

@@ -32,10 +32,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dlm.decode import CACHES
 from dlm.model.cache import KVCache
 from dlm.model.modeling import is_shifted
-
-CACHES = ("none", "exact", "prefix", "dual", "delayed")
 
 
 def supported_caches(model: nn.Module) -> list[str]:

@@ -1,18 +1,24 @@
 """dlm: discrete / masked diffusion language models.
 
-Importing dlm registers ``DLMConfig`` / ``DLMModel`` with transformers' Auto classes, so
-``AutoModel.from_pretrained(path)`` loads a dlm checkpoint.
+``import dlm`` is light (no torch, no transformers): the command line's ``--help`` answers at
+once. The model classes load on first use — ``dlm.DLMModel``, ``dlm.load(...)``, or
+``import dlm.model``, which also registers ``DLMConfig`` / ``DLMModel`` with transformers' Auto
+classes, so ``AutoModel.from_pretrained(path)`` then loads a dlm checkpoint.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from __future__ import annotations
 
-from dlm.model import DLMConfig, DLMModel, DLMOutput, KVCache
+import importlib
 
 __version__ = "0.1.0"
 
-AutoConfig.register(DLMConfig.model_type, DLMConfig, exist_ok=True)
-AutoModel.register(DLMConfig, DLMModel, exist_ok=True)
-AutoModelForMaskedLM.register(DLMConfig, DLMModel, exist_ok=True)
+_MODEL_NAMES = ("DLMConfig", "DLMModel", "DLMOutput", "KVCache")
+
+
+def __getattr__(name: str):
+    if name in _MODEL_NAMES:
+        return getattr(importlib.import_module("dlm.model"), name)
+    raise AttributeError(f"module 'dlm' has no attribute {name!r}")
 
 
 def load(name_or_path, **kwargs):

@@ -314,9 +314,7 @@ def add_guide_options(p: argparse.ArgumentParser) -> None:
     from dlm.decode.guides import guide_names
 
     g = p.add_argument_group("guided decoding", "raise a reward at decoding time (docs/guided-decoding.md)")
-    g.add_argument(
-        "--guide", default=None, choices=guide_names(), help="best_of_n, smc, svdd, dts or edlm (default: none)"
-    )
+    g.add_argument("--guide", default=None, choices=guide_names(), help="default: none (plain decoding)")
     g.add_argument(
         "--reward",
         default=None,
@@ -341,267 +339,298 @@ def add_guide_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlm", description="Discrete / masked diffusion language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _DefaultsShown(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
 
-    p = sub.add_parser(
-        "train",
-        help="train from a YAML recipe",
-        description="Train from a YAML recipe with "
-        "dotted overrides, e.g. dlm train recipes/quickstart.yaml train.max_steps=100 optim.lr=1e-3",
-    )
-    p.add_argument("recipe", help="recipe YAML path, or a bundled recipe name (quickstart)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
-    p.set_defaults(func=_train)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
 
-    p = sub.add_parser("generate", help="sample from a trained model")
-    p.add_argument("checkpoint", help="model directory, or a training output_dir")
-    p.add_argument("--prompt", action="append", help="prompt text (repeatable); none = unconditional")
-    p.add_argument("--prompt-file", help="one prompt per line (batched)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+
+def _command(sub, name: str, func, help: str, **kwargs) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=kwargs.pop("description", help), formatter_class=_DefaultsShown)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_run_options(
+    p: argparse.ArgumentParser, *, seed: int = 0, device: str | None = None, dtypes=None, device_help="cpu, cuda, ..."
+) -> None:
+    """``--seed``, ``--device`` and ``--dtype``, shared by every command that runs a model."""
+    p.add_argument("--seed", type=int, default=seed, help="random seed")
+    p.add_argument("--device", default=device, help=device_help + ("" if device else " (default: cuda if available)"))
+    dtypes = dtypes or ["float32", "bfloat16"]
+    p.add_argument("--dtype", default=dtypes[0], choices=dtypes, help="weights and activations")
+
+
+def _add_recipe_command(sub, name: str, func, help: str, example: str) -> None:
+    p = _command(sub, name, func, help, description=f"{help}, with dotted overrides, e.g. {example}")
+    p.add_argument("recipe", help=f"recipe YAML path, or a bundled recipe name ({example.split()[2]})")
     p.add_argument(
-        "--decoder", default=None, choices=["ancestral", "first_hitting", "confidence"], help="default: confidence"
+        "overrides", nargs="*", help="key=value overrides (dotted keys); values that are not YAML are strings"
     )
+
+
+def _add_decoding_options(p: argparse.ArgumentParser, decoders: list[str], caches: tuple[str, ...]) -> None:
+    """The decoder and its settings, as ``dlm generate`` and ``dlm eval`` take them; a setting not
+    given comes from ``--preset``, else the decoder's default."""
+    p.add_argument("--decoder", default=None, choices=decoders, help="default: the preset's, else confidence")
     p.add_argument("--preset", default=None, help="decode preset YAML (dlm tune writes one); options given win")
-    p.add_argument("--gen-length", type=int, default=None, help="default 128 (or the preset's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length)")
-    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the generation length)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: the whole gen)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1; dlm eval: the task's)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="confidence decoder: Fast-dLLM threshold rule (default: gen/steps tokens per step)",
+    )
+    p.add_argument("--factor", type=float, default=None, help="confidence decoder: Fast-dLLM factor rule (default off)")
+    p.add_argument(
+        "--cache",
+        choices=caches,
+        default=None,
+        help="KV cache (default none): exact (lossless, block-causal models), prefix / dual (Fast-dLLM), "
+        "delayed (dKV-Cache)",
+    )
+    p.add_argument(
+        "--refresh-every", type=int, default=None, help="delayed cache: full refresh every r calls (default 8)"
+    )
+    add_speed_options(p)
+
+
+def _add_train(sub) -> None:
+    _add_recipe_command(
+        sub, "train", _train, "train from a YAML recipe", "dlm train quickstart train.max_steps=100 optim.lr=1e-3"
+    )
+
+
+def _add_generate(sub, decoders: list[str], caches: tuple[str, ...]) -> None:
+    p = _command(sub, "generate", _generate, "sample from a trained model")
+    p.add_argument("checkpoint", help="model directory, a training output_dir, or a hub id")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: one unconditional sample)")
+    p.add_argument("--prompt-file", help="one prompt per line, decoded as one batch")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default 128, or the preset's)")
+    _add_decoding_options(p, decoders, caches)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1: all)")
     p.add_argument(
         "--remasking",
         choices=["confidence", "margin", "entropy", "random"],
         default=None,
-        help="confidence decoder: how candidates are scored",
+        help="confidence decoder: how candidates are scored (default confidence)",
     )
-    p.add_argument("--threshold", type=float, default=None, help="confidence decoder: Fast-dLLM threshold rule")
-    p.add_argument("--factor", type=float, default=None, help="confidence decoder: Fast-dLLM factor rule")
-    p.add_argument("--tokens-per-call", type=int, default=None, help="first_hitting: tokens per model call")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument(
-        "--cache",
-        choices=["none", "exact", "prefix", "dual", "delayed"],
-        default=None,
-        help="KV cache: exact (lossless, block-causal models), prefix / dual (Fast-dLLM), delayed (dKV-Cache)",
-    )
-    p.add_argument("--refresh-every", type=int, default=None, help="delayed cache: full refresh every r calls")
-    add_speed_options(p)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--tokens-per-call", type=int, default=None, help="first_hitting: tokens per model call (default 1)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 0: off)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; default none)")
     p.add_argument("--show", action="store_true", help="replay the unmasking step by step in the terminal")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_run_options(p, device="cpu")
     add_guide_options(p)
-    p.set_defaults(func=_generate)
 
-    p = sub.add_parser("tune", help="sweep decoding settings on a task: Pareto PNG, AUP and a decode preset")
-    p.add_argument("checkpoint", help="model directory, or a training output_dir")
-    p.add_argument("--task", required=True, help="a generated task (dlm.tasks), e.g. repeat")
-    p.add_argument("--task-args", default=None, help="task arguments, e.g. repeats=64")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts decoded per setting (default 16)")
-    p.add_argument("--gen-length", type=int, default=None, help="default: the longest answer's token count")
+
+def _add_tune(sub) -> None:
     floats = lambda text: [float(v) for v in text.split(",") if v]  # noqa: E731
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
-    p.add_argument("--thresholds", type=floats, default=[0.7, 0.8, 0.9], help="threshold rule values (0.7,0.8,0.9)")
-    p.add_argument("--factors", type=floats, default=[], help="factor rule values (default none)")
-    p.add_argument("--block-lengths", type=ints, default=[32], help="comma list (default 32)")
-    p.add_argument("--caches", type=lambda t: t.split(","), default=["none", "dual"], help="default none,dual")
-    p.add_argument("--open-next-at", type=floats, default=[1.0, 0.0], help="pipelining fractions (default 1,0)")
-    p.add_argument("--max-open-blocks", type=int, default=8, help="open blocks when pipelining (default 8)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="score the choice may lose (default 0.01)")
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "tune", _tune, "sweep decoding settings on a task: Pareto PNG, AUP and a decode preset")
+    p.add_argument("checkpoint", help="model directory, a training output_dir, or a hub id")
+    p.add_argument("--task", required=True, help="a generated task (dlm.tasks), e.g. repeat")
+    p.add_argument("--task-args", default=None, help="task arguments, e.g. repeats=64 (default: the task's)")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts decoded per setting")
+    p.add_argument("--gen-length", type=int, default=None, help="default: the longest answer's token count")
+    p.add_argument("--thresholds", type=floats, default=[0.7, 0.8, 0.9], help="threshold rule values, comma list")
+    p.add_argument("--factors", type=floats, default=[], help="factor rule values, comma list (default none)")
+    p.add_argument("--block-lengths", type=ints, default=[32], help="comma list")
+    p.add_argument("--caches", type=lambda t: t.split(","), default=["none", "dual"], help="comma list")
+    p.add_argument("--open-next-at", type=floats, default=[1.0, 0.0], help="pipelining fractions, comma list")
+    p.add_argument("--max-open-blocks", type=int, default=8, help="open blocks when pipelining")
+    p.add_argument("--tolerance", type=float, default=0.01, help="score the choice may lose")
     p.add_argument("--out", required=True, help="directory for tune.json, pareto.png and preset.yaml")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.set_defaults(func=_tune)
+    add_run_options(p)
 
-    p = sub.add_parser("rl", help="RL fine-tuning from a recipe (trajectory PG, diffu-GRPO, coupled-GRPO)")
-    p.add_argument("recipe", help="RL recipe YAML path, or a bundled recipe name (rl-quickstart)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
-    p.set_defaults(func=_rl)
 
-    p = sub.add_parser("rl-compare", help="held-out reward of RL runs (seeds grouped by -seedN): table + PNG")
+def _add_rl(sub) -> None:
+    _add_recipe_command(
+        sub,
+        "rl",
+        _rl,
+        "RL fine-tuning from a recipe (trajectory PG, diffu-GRPO, coupled-GRPO)",
+        "dlm rl rl-quickstart rl.steps=50",
+    )
+    p = _command(sub, "rl-compare", _rl_compare, "held-out reward of RL runs (seeds grouped by -seedN): table + PNG")
     p.add_argument("runs", nargs="+", help="dlm rl output directories (NAME-seedN groups seeds of one setting)")
-    p.add_argument("--out", default=None, help="write the combined curve to this PNG")
-    p.set_defaults(func=_rl_compare)
+    p.add_argument("--out", default=None, help="write the combined curve to this PNG (default: table only)")
 
-    p = sub.add_parser("eval", help="lm-eval-harness tasks on a checkpoint (scores + decoding throughput)")
-    p.add_argument("checkpoint", help="model directory, or a training output_dir")
+
+def _add_eval(sub, decoders: list[str], caches: tuple[str, ...]) -> None:
+    p = _command(sub, "eval", _eval, "lm-eval-harness tasks on a checkpoint (scores + decoding throughput)")
+    p.add_argument("checkpoint", help="model directory, a training output_dir, or a hub id")
     p.add_argument(
         "--tasks",
         required=True,
         help="comma list: dlm_repeat, dlm_repeat_mc, dlm_arithmetic, dlm_stdlib_ppl (offline) or any lm-eval task",
     )
     p.add_argument("--include-path", action="append", help="directory of extra task YAMLs (repeatable)")
-    p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction)")
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task, or a fraction (default: all)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--log-samples", action="store_true", help="keep every sample in --output")
     p.add_argument("--output", help="write scores, throughput and settings here as JSON")
-    p.add_argument("--decoder", default=None, choices=["ancestral", "first_hitting", "confidence"])
-    p.add_argument("--gen-length", type=int, default=None, help="generation length when a task sets none")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--cache", default=None, choices=["none", "exact", "prefix", "dual", "delayed"])
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--factor", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--refresh-every", type=int, default=None)
-    add_speed_options(p)
-    p.add_argument("--preset", default=None, help="decode preset YAML (dlm tune writes one); options given win")
+    p.add_argument("--gen-length", type=int, default=None, help="generation length when a task sets none (default 256)")
+    _add_decoding_options(p, decoders, caches)
     p.add_argument("--mc-num", type=int, default=None, help="Monte-Carlo samples per loglikelihood (default 128)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default 8)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.set_defaults(func=_eval)
+    add_run_options(p, seed=1234, dtypes=["float32", "bfloat16", "float16"])
 
-    p = sub.add_parser("ppl", help="perplexity (NELBO bound) on a dataset, or generative perplexity of samples")
-    p.add_argument("checkpoint", help="model directory, or a training output_dir")
+
+def _add_ppl(sub, decoders: list[str]) -> None:
+    p = _command(sub, "ppl", _ppl, "perplexity (NELBO bound) on a dataset, or generative perplexity of samples")
+    p.add_argument("checkpoint", help="model directory, a training output_dir, or a hub id")
     p.add_argument("--data", default=None, help="stdlib, a local file or directory, or a hub dataset")
     p.add_argument("--file-glob", default="**/*.py", help="files of a local directory (or of stdlib)")
-    p.add_argument("--max-documents", type=int, default=None)
+    p.add_argument("--max-documents", type=int, default=None, help="read at most this many documents (default: all)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per scored row")
-    p.add_argument("--max-rows", type=int, default=None, help="score at most this many rows")
+    p.add_argument("--max-rows", type=int, default=None, help="score at most this many rows (default: all)")
     p.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per row (diffusion models)")
-    p.add_argument(
-        "--judge", default=None, help="AR judge for generative perplexity (dlm AR checkpoint or HF causal LM)"
-    )
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--gen-length", type=int, default=128)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--decoder", default="first_hitting", choices=["ancestral", "first_hitting", "confidence"])
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument(
+    p.add_argument("--batch-size", type=int, default=16, help="rows (or samples) per forward")
+    g = p.add_argument_group("generative perplexity", "sample, then score the samples with an AR judge")
+    g.add_argument("--judge", default=None, help="AR judge: a dlm AR checkpoint or an HF causal LM (default: none)")
+    g.add_argument("--num-samples", type=int, default=16, help="samples to score")
+    g.add_argument("--gen-length", type=int, default=128, help="tokens per sample")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the generation length)")
+    g.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: the whole gen)")
+    g.add_argument("--decoder", default="first_hitting", choices=decoders, help="sampler of the scored samples")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+
+    g.add_argument(
         "--energy", default=None, help="decode the samples with EDLM, this causal LM's log-likelihood as the energy"
     )
-    p.add_argument("--candidates", type=int, default=8, help="EDLM candidates per parallel step (default 8)")
-    p.add_argument("--energy-steps", type=int, default=None, help="EDLM in the first n steps of each block only")
+    g.add_argument("--candidates", type=int, default=8, help="EDLM candidates per parallel step")
+    g.add_argument("--energy-steps", type=int, default=None, help="EDLM in the first n steps of each block only")
     p.add_argument("--output", help="write the figures here as JSON")
-    p.set_defaults(func=_ppl)
+    add_run_options(p, device="cpu")
 
-    p = sub.add_parser("bench", help="benchmarks")
-    bench = p.add_subparsers(dest="bench", required=True)
-    b = bench.add_parser("train", help="training step time: MDLM ÷ AR on the same backbone and batch")
-    b.add_argument("--hidden-size", type=int, default=512)
-    b.add_argument("--layers", type=int, default=8)
-    b.add_argument("--heads", type=int, default=8)
-    b.add_argument("--vocab-size", type=int, default=32768)
-    b.add_argument("--seq-len", type=int, default=256)
-    b.add_argument("--batch-size", type=int, default=8)
+
+def _add_bench_train(bench) -> None:
+    b = _command(bench, "train", _bench_train, "training step time: MDLM ÷ AR on the same backbone and batch")
+    b.add_argument("--hidden-size", type=int, default=512, help="backbone width")
+    b.add_argument("--layers", type=int, default=8, help="transformer layers")
+    b.add_argument("--heads", type=int, default=8, help="attention heads")
+    b.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size")
+    b.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    b.add_argument("--batch-size", type=int, default=8, help="rows per step")
     b.add_argument("--steps", type=int, default=10, help="timed steps per objective (after warm-up)")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--objectives", default="mdlm,exact_count,bd3lm,ar")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    b.add_argument("--objectives", default="mdlm,exact_count,bd3lm,ar", help="comma list of objectives")
     b.add_argument("--block-size", type=int, default=16, help="BD3-LM block size")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument("--device", default="cuda" if _cuda() else "cpu")
     b.add_argument("--json", help="write the results here as JSON")
-    b.set_defaults(func=_bench_train)
+    add_run_options(b)
 
-    b = bench.add_parser(
-        "decode", help="decoders x caches x lengths x batch sizes: tokens/s, NFE, latency, memory, speedups"
+
+def _add_bench_decode(bench, decoders: list[str]) -> None:
+    b = _command(
+        bench, "decode", _bench_decode, "decoders x caches x lengths x batch sizes: tokens/s, NFE, latency, memory"
     )
     b.add_argument("--checkpoint", default=None, help="a trained model (default: random weights of --shape)")
     b.add_argument(
         "--shape",
         default=None,
-        help="benchmark shape: tiny, small (11.6M), tiny-126k (LLaDA's vocabulary), base (42.5M), llada-8b",
+        help="benchmark shape: tiny, small (11.6M), tiny-126k (LLaDA's vocabulary), base (42.5M), llada-8b "
+        "(default: the --hidden-size/--layers/--heads/--vocab-size shape)",
     )
     b.add_argument("--hidden-size", type=int, default=256, help="custom shape (when no --shape/--checkpoint)")
-    b.add_argument("--layers", type=int, default=4)
-    b.add_argument("--heads", type=int, default=4)
-    b.add_argument("--vocab-size", type=int, default=32768)
+    b.add_argument("--layers", type=int, default=4, help="custom shape: layers")
+    b.add_argument("--heads", type=int, default=4, help="custom shape: attention heads")
+    b.add_argument("--vocab-size", type=int, default=32768, help="custom shape: vocabulary size")
     b.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,8")
     b.add_argument("--prompt-length", type=int, default=16, help="random prompts (without --task)")
-    b.add_argument("--gen-lengths", default="256,1024")
+    b.add_argument("--gen-lengths", default="256,1024", help="comma list")
     b.add_argument("--steps", type=int, default=None, help="default: the generation length (one token per step)")
-    b.add_argument("--block-length", type=int, default=32)
+    b.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block")
     b.add_argument(
         "--decoders",
         default=None,
-        help="comma list of ancestral, first_hitting, confidence, threshold, pipelined "
+        help=f"comma list of {', '.join(decoders)}, threshold, pipelined "
         "(threshold with pipelined blocks; default: all but pipelined)",
     )
     b.add_argument("--threshold", type=float, default=0.9, help="the threshold decoder's confidence threshold")
     b.add_argument("--caches", default=None, help="comma list (default: every cache the model supports)")
     b.add_argument("--refresh-every", type=int, default=8, help="delayed cache refresh interval")
-    b.add_argument(
-        "--open-next-at", type=float, default=0.5, help="the pipelined decoder's block-opening fraction (default 0.5)"
-    )
+    b.add_argument("--open-next-at", type=float, default=0.5, help="the pipelined decoder's block-opening fraction")
+    b.add_argument("--max-open-blocks", type=int, default=2, help="the pipelined decoder's open blocks")
     b.add_argument(
         "--compile",
         default="off",
         choices=["off", "on", "both"],
-        help="decode with the compiled forward: on, or both (uncompiled and compiled side by side); default off",
+        help="decode with the compiled forward: on, or both (uncompiled and compiled side by side)",
     )
-    b.add_argument("--max-open-blocks", type=int, default=2, help="the pipelined decoder's open blocks (default 2)")
-    b.add_argument("--task", default=None, help="score generations on a generated task (dlm.tasks), e.g. repeat")
+    b.add_argument("--task", default=None, help="score generations on a generated task, e.g. repeat (default: none)")
     b.add_argument("--task-args", default=None, help="task arguments, e.g. repeats=64 (an answer of 64 x 16 tokens)")
     b.add_argument(
         "--model-block",
         type=int,
         default=None,
-        help="make the random model block-causal with this block size (BD3-LM decoding; needed for exact)",
-    )
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument(
-        "--device",
-        default="cuda" if _cuda() else "cpu",
-        help="cpu, cuda, or meta: build --shape on the meta device and print its weight and KV-cache memory",
+        help="make the random model block-causal with this block size (BD3-LM decoding; needed for exact; "
+        "default: bidirectional)",
     )
     b.add_argument("--json", help="write every figure here as JSON")
-    b.set_defaults(func=_bench_decode)
+    add_run_options(b, device_help="cpu, cuda, or meta (build --shape on the meta device: weight and KV-cache memory)")
 
-    b = bench.add_parser("memory", help="per-GPU memory of a recipe under DDP, FSDP2, ZeRO-2 and ZeRO-3")
+
+def _add_bench_memory(bench) -> None:
+    b = _command(bench, "memory", _bench_memory, "per-GPU memory of a recipe under DDP, FSDP2, ZeRO-2 and ZeRO-3")
     b.add_argument("recipe", help="recipe YAML path, or a bundled recipe name")
     b.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
-    b.add_argument("--accelerate-config", default=None, help="plan only this accelerate config's engine and GPUs")
+    b.add_argument("--accelerate-config", default=None, help="plan only this config's engine and GPUs (default: all)")
     b.add_argument("--gpus", type=int, default=None, help="GPUs (default: the accelerate config's, else 8)")
-    b.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU to check the plan against (default 80)")
-    b.add_argument("--shape", default=None, help="a benchmark shape (llada-8b, dream-7b, sdar-8b, ...) for hub starts")
+    b.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU to check the plan against")
+    b.add_argument(
+        "--shape",
+        default=None,
+        help="a benchmark shape (llada-8b, dream-7b, sdar-8b, ...) for hub starts (default: none)",
+    )
     b.add_argument("--json", help="write the plan here")
-    b.set_defaults(func=_bench_memory)
 
-    b = bench.add_parser(
-        "guide", help="guided decoding: reward vs NFE of best-of-N, SMC, SVDD and DTS on a task (PNG + JSON)"
+
+def _add_bench_guide(bench, decoders: list[str]) -> None:
+    b = _command(
+        bench, "guide", _bench_guide, "guided decoding: reward vs NFE of best-of-N, SMC, SVDD and DTS on a task"
     )
     b.add_argument(
         "--checkpoint", required=True, help="the model to guide (a dlm run, model directory or converted checkpoint)"
     )
     b.add_argument("--task", default="repeat", help="generated task the prompts come from (dlm.tasks or reasoning-gym)")
-    b.add_argument("--task-args", default=None, help="task arguments, e.g. period=8,repeats=4")
+    b.add_argument("--task-args", default=None, help="task arguments, e.g. period=8,repeats=4 (default: the task's)")
     b.add_argument("--reward", default=None, help="reward name (default: the task's own)")
-    b.add_argument("--prompts", type=int, default=32, help="held-out task prompts (default 32)")
+    b.add_argument("--prompts", type=int, default=32, help="held-out task prompts")
     b.add_argument("--methods", default="best_of_n,smc,svdd,dts", help="comma list (best_of_n is always run)")
     b.add_argument("--budgets", default="1,2,4,8", help="particles (best_of_n, smc), candidates (svdd), rollouts (dts)")
-    b.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
-    b.add_argument("--alpha", type=float, default=0.1, help="smc / dts temperature of the tilt (default 0.1)")
-    b.add_argument("--svdd-alpha", type=float, default=0.0, help="svdd selection temperature (default 0: the best)")
+    b.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    b.add_argument("--alpha", type=float, default=0.1, help="smc / dts temperature of the tilt")
+    b.add_argument("--svdd-alpha", type=float, default=0.0, help="svdd selection temperature (0: the best)")
     b.add_argument("--dts-mode", default=None, choices=["sample", "search"], help="dts mode (default sample)")
-    b.add_argument("--decoder", default="confidence", choices=["ancestral", "first_hitting", "confidence"])
-    b.add_argument("--gen-length", type=int, default=32)
+    b.add_argument("--decoder", default="confidence", choices=decoders, help="the decoder every method drives")
+    b.add_argument("--gen-length", type=int, default=32, help="tokens per completion")
     b.add_argument("--steps", type=int, default=None, help="default: the generation length")
-    b.add_argument("--block-length", type=int, default=None)
-    b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the decoder (default 1)")
+    b.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: the whole gen)")
+    b.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the decoder")
     b.add_argument(
-        "--reference", default=None, help="another checkpoint decoded plainly for comparison (e.g. dlm rl's)"
+        "--reference",
+        default=None,
+        help="another checkpoint decoded plainly for comparison, e.g. dlm rl's (default: none)",
     )
-    b.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--json", help="write every figure here")
     b.add_argument("--plot", help="write the reward-vs-NFE curve here (PNG)")
-    b.set_defaults(func=_bench_guide)
+    add_run_options(b)
 
-    p = sub.add_parser(
-        "convert", help="a published checkpoint (LLaDA, Dream, SDAR, Llama, Qwen2/3) as a dlm checkpoint"
+
+def _add_convert(sub) -> None:
+    p = _command(
+        sub, "convert", _convert, "a published checkpoint (LLaDA, Dream, SDAR, Llama, Qwen2/3) as a dlm checkpoint"
     )
     p.add_argument("source", help="a checkpoint directory or a hub id (org/name)")
     p.add_argument("output", help="the new dlm checkpoint directory (must not exist or be empty)")
@@ -614,32 +643,69 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reuse this token as the mask (default: the config's / tokenizer's, else a new <|mask|>)",
     )
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="size of each output safetensors shard (default 2)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="size of each output safetensors shard in GB")
     p.add_argument("--trust-remote-code", action="store_true", help="load the source tokenizer's own code")
-    p.set_defaults(func=_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Building it imports neither torch nor transformers (the registries
+    know their built-in names), so ``dlm --help`` answers at once."""
+    from dlm import __version__
+    from dlm.decode import CACHES, decoder_names
+
+    decoders = decoder_names()
+    parser = argparse.ArgumentParser(prog="dlm", description="Discrete / masked diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"dlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_generate(sub, decoders, CACHES)
+    _add_tune(sub)
+    _add_rl(sub)
+    _add_eval(sub, decoders, CACHES)
+    _add_ppl(sub, decoders)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    _add_bench_train(bench)
+    _add_bench_decode(bench, decoders)
+    _add_bench_memory(bench)
+    _add_bench_guide(bench, decoders)
+    _add_convert(sub)
     return parser
 
 
-def _cuda() -> bool:
-    try:
+def _default_device(args: argparse.Namespace) -> None:
+    """``--device`` not given: cuda where there is one, else cpu (resolved after parsing, so that
+    ``--help`` never imports torch)."""
+    if getattr(args, "device", "unset") is None and args.func in _DEVICE_DEFAULTED:
         import torch
 
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_DEVICE_DEFAULTED = (_tune, _bench_train, _bench_decode, _bench_guide)
+
+
+def quiet_libraries() -> None:
+    """Keep a one-line command one line: the libraries' info logs, transformers' per-load
+    "Loading weights" bar and lm-eval's warnings stay out of dlm's output (dlm's own progress
+    bars remain)."""
+    for noisy in ("httpx", "datasets", "transformers", "accelerate", "lm_eval", "lm-eval", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if noisy.startswith("lm") else logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from dlm.config import ConfigError
     from dlm.data import DataError
     from dlm.model.convert import ConvertError
     from dlm.tokenizer import TokenizerError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "datasets", "transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
+        _default_device(args)
         return args.func(args)
     except (ConfigError, ConvertError, DataError, TokenizerError, FileNotFoundError) as exc:
         print(f"dlm {args.command}: error: {exc}", file=sys.stderr)

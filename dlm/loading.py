@@ -80,7 +80,7 @@ def load(
     """``(model, tokenizer, path)`` in eval mode on ``device`` (``path``: the directory loaded)."""
     from transformers import AutoModel, AutoTokenizer
 
-    import dlm  # noqa: F401  (registers the dlm model type)
+    import dlm.model  # noqa: F401  (registers the dlm model type)
 
     path = locate(name_or_path)
     config = json.loads((path / "config.json").read_text())

@@ -7,6 +7,7 @@ suggests the closest match, so a typo in a recipe is a one-line fix.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -20,9 +21,14 @@ def close_matches(name: str, options: list[str]) -> str:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """``builtins`` maps the names dlm ships to the module that registers each: the names are
+    known (for ``--help`` and error messages) without importing those modules, and a lookup
+    imports the one it needs."""
+
+    def __init__(self, kind: str, builtins: dict[str, str] | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._builtins = dict(builtins or {})
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
@@ -34,21 +40,24 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        if name not in self._items and name in self._builtins:
+            importlib.import_module(self._builtins[name])  # its @register runs on import
         if name not in self._items:
-            known = sorted(self._items)
+            known = self.names()
             raise KeyError(
                 f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(known)}." + close_matches(name, known)
             )
         return self._items[name]
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        """Every name, the built-ins included, without importing anything."""
+        return sorted({*self._items, *self._builtins})
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._builtins
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
 
     def build(self, name: str, **settings):
         """The dataclass registered as ``name`` built with ``settings``; an unknown name or setting

@@ -58,6 +58,11 @@ def main(args) -> int:
         if is_causal(model):
             raise ConfigError(f"{where} is an AR model; generative perplexity is for samples of a diffusion model")
         judge, judge_tok, judge_where = _load(args.judge, args.device, dtype)
+        if judge.config.model_type == "dlm" and not is_causal(judge):
+            raise ConfigError(
+                f"--judge {judge_where} is a masked-diffusion model ({judge.config.attention_mode} attention); "
+                "generative perplexity needs an AR judge: a dlm AR run (objective=ar) or a causal LM"
+            )
         decoder = build_decoder(
             args.decoder,
             gen_length=args.gen_length,

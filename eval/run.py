@@ -40,7 +40,39 @@ def task_dir() -> Path:
     return dlm_cache() / "lm_eval_tasks"
 
 
+def check_tasks(tasks: list[str], manager) -> None:
+    """Every task is one lm-eval knows (a name, a glob over names, or a YAML path); an unknown one
+    lists dlm's offline tasks and suggests the closest name."""
+    from dlm.config import ConfigError
+    from dlm.registry import close_matches
+
+    for task in tasks:
+        if manager.match_tasks([task]) or Path(task).is_file():
+            continue
+        local = sorted(t for t in manager.all_tasks if t.startswith("dlm_"))
+        raise ConfigError(
+            f"unknown task {task!r}. dlm's offline tasks: {', '.join(local)}; lm-eval knows "
+            f"{len(manager.all_tasks)} more (lm-eval ls tasks)." + close_matches(task, manager.all_tasks)
+        )
+
+
+def summary(lm, throughput: dict) -> str:
+    """The closing line: decoding throughput and settings when the tasks generated, the
+    likelihood estimator when they only scored."""
+    head = f"dlm eval | wall {throughput['wall_seconds']:.1f} s"
+    if not lm.generated_tokens:
+        return f"{head} | likelihood only: {lm.estimator} estimator, mc_num {lm.mc_num}"
+    rate = throughput["generated_tokens_per_s"]
+    settings = " ".join(f"{k}={v}" for k, v in sorted(lm.decoder_settings.items())) or "its defaults"
+    return (
+        f"{head} | {lm.generated_tokens} generated tokens in {lm.generation_seconds:.1f} s of decoding"
+        + (f" ({rate:.1f} tokens/s)" if rate else "")
+        + f" | decoder {lm.decoder}, {settings}"
+    )
+
+
 def main(args) -> int:
+    import datasets
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
@@ -49,6 +81,11 @@ def main(args) -> int:
     from dlm.eval.harness import DLMEvalModel
     from dlm.eval.tasks import materialize
 
+    datasets.disable_progress_bars()  # lm-eval's task loading; dlm's own bars stay
+    include = [str(materialize(task_dir()))] + [str(Path(p).expanduser().resolve()) for p in args.include_path or []]
+    manager = TaskManager(include_path=include)
+    tasks = [t for t in args.tasks.split(",") if t]
+    check_tasks(tasks, manager)
     kwargs = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
     if args.threshold is not None and args.factor is not None:
         raise ConfigError("give --threshold or --factor, not both")
@@ -58,9 +95,6 @@ def main(args) -> int:
         lm = DLMEvalModel(pretrained=args.checkpoint, **kwargs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    include = [str(materialize(task_dir()))] + [str(Path(p).expanduser().resolve()) for p in args.include_path or []]
-    manager = TaskManager(include_path=include)
-    tasks = [t for t in args.tasks.split(",") if t]
     t0 = time.perf_counter()
     out = simple_evaluate(
         model=lm,
@@ -84,12 +118,7 @@ def main(args) -> int:
         "wall_seconds": wall,
     }
     print(make_table(out))
-    rate = throughput["generated_tokens_per_s"]
-    print(
-        f"dlm eval | {lm.generated_tokens} generated tokens in {lm.generation_seconds:.1f} s of decoding"
-        + (f" ({rate:.1f} tokens/s)" if rate else "")
-        + f" | wall {wall:.1f} s | decoder {lm.decoder} {lm.decoder_settings}"
-    )
+    print(summary(lm, throughput))
     if args.output:
         path = Path(args.output).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import dlm  # noqa: F401  (registers the Auto classes)
+import dlm.model  # noqa: F401  (registers the Auto classes)
 from dlm.config import from_dict
 from dlm.model import DLMConfig, DLMModel
 from dlm.train.config import RecipeConfig

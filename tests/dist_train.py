@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import dlm  # noqa: F401
+import dlm.model  # noqa: F401  (registers the Auto classes)
 from conftest import exit_after_save
 from dlm.config import load_recipe
 from dlm.train import checkpoint, loop

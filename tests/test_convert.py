@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-import dlm  # noqa: F401
+import dlm.model  # noqa: F401  (registers the Auto classes)
 from conftest import tiny_recipe
 from dlm.decode import build_decoder
 from dlm.model.convert import ConvertError, convert

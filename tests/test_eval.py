@@ -231,6 +231,8 @@ def test_dlm_ppl_on_data_and_generative_with_a_judge(trained, trained_ar, tmp_pa
     assert g["edlm"]["candidates"] == 4 and g["edlm"]["energy_nfe"] == 8  # 4 candidates x 2 parallel steps
     assert cli_main(["ppl", trained]) == 2
     assert "give --data" in capsys.readouterr().err
+    assert cli_main(["ppl", trained, "--judge", trained, "--num-samples", "2", "--gen-length", "8"]) == 2
+    assert "is a masked-diffusion model (bidirectional attention)" in capsys.readouterr().err
 
 
 def test_is_greedy_is_true_exactly_for_the_greedy_continuation(trained):

@@ -510,7 +510,11 @@ def _stream(files: list[Path], renamed: dict, dtype: torch.dtype, rows: int, wri
 
 
 def is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))
+    """``org/name`` that is not a local path: nothing there, and no local ``org/`` directory either
+    (``runs/nothere`` beside a ``runs/`` folder is a missing run, not a hub id)."""
+    path = Path(name).expanduser()
+    local = name.startswith((".", "/", "~")) or path.exists() or path.parent.is_dir()
+    return name.count("/") == 1 and not local
 
 
 def fetch_source(source: str | Path) -> Path:

@@ -46,6 +46,7 @@ from dlm.config import ConfigError, to_dict
 from dlm.data import encode_prompts
 from dlm.decode import build_decoder
 from dlm.decode.blocks import block_causal_size
+from dlm.model.convert import is_hub_id
 from dlm.tasks import generate
 from dlm.train.checkpoint import expected_files, export_final, load_checkpoint, save_checkpoint
 from dlm.train.config import LoraConfig, OptimConfig, TrainConfig
@@ -110,6 +111,9 @@ class RLConfig:
     save_rollouts_every: int = 10
     """Every N steps, append that step's rollouts (prompt, completion, step_map, decode-time
     log-probs, rewards, group, decoder settings) to ``rollouts-<rank>.jsonl``; 0 = never."""
+
+    init_command: str = ""
+    """The command that creates ``init`` (a recipe's SFT step), shown when ``init`` is missing."""
 
     def __post_init__(self):
         if not self.init:
@@ -373,8 +377,24 @@ def loss_share(acc: Accelerator, trainable: torch.Tensor, cfg: RLRecipe, step_ma
     return max(total, 1.0) / world
 
 
+def check_init(rl: RLConfig) -> None:
+    """A local ``rl.init`` that holds no model is answered before anything is created, with the
+    command that makes it when the recipe names one (then ``init`` is that command's output, never
+    a hub id; other hub ids are the loader's to fetch)."""
+    from dlm.loading import resolve_checkpoint
+
+    if is_hub_id(str(rl.init)) and not rl.init_command:
+        return
+    try:
+        resolve_checkpoint(rl.init)
+    except FileNotFoundError as exc:
+        hint = f" Create it first: {rl.init_command}" if rl.init_command else ""
+        raise ConfigError(f"rl.init={rl.init!r}: {exc}.{hint}") from None
+
+
 def main(cfg: RLRecipe) -> dict[str, Any]:
     t0 = time.time()
+    check_init(cfg.rl)
     out = Path(cfg.train.output_dir)
     acc = make_accelerator(mixed_precision=cfg.train.mixed_precision)  # DDP or FSDP2: the accelerate config says
     check_engine(acc)
