@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML; a value that
+    is not valid YAML, such as ``*.txt``, is taken as a string)."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -37,8 +38,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse the value as YAML ({exc})") from exc
+        except yaml.YAMLError:  # not YAML (a glob like *.txt, a stray colon): the text itself
+            value = raw
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:

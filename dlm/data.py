@@ -62,6 +62,11 @@ class DataConfig:
     """Column holding the text (format: text)."""
     file_glob: str = "**/*.py"
     """Files to read from a local directory, one document each."""
+    text_split: Literal["auto", "file", "paragraph", "line"] = "auto"
+    """How a local ``.txt`` file splits into documents: ``paragraph`` (blank-line separated),
+    ``line``, or ``file`` (the whole file is one). ``auto``: paragraphs, or lines when the file has
+    no blank line. A directory's (and stdlib's) files are one document each. With one document, the
+    validation rows are held out by rows instead."""
     format: Literal["text", "chat"] = "text"
     """``text``: packed pretraining rows; ``chat``: prompt/answer rows for SFT."""
     prompt_field: str = "prompt"
@@ -92,6 +97,8 @@ class DataConfig:
             raise DataError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
         if self.max_documents is not None and self.max_documents < 2:
             raise DataError(f"data.max_documents={self.max_documents} must be at least 2 (train + validation)")
+        if self.text_split not in ("auto", "file", "paragraph", "line"):
+            raise DataError(f"data.text_split={self.text_split!r}; choose auto, file, paragraph or line")
         if self.num_proc is not None and self.num_proc < 1:
             raise DataError(f"data.num_proc={self.num_proc} must be at least 1 (or null: one process)")
 
@@ -108,6 +115,21 @@ def _is_local(name: str) -> bool:
         or Path(name).suffix in LOCAL_SUFFIXES
         or Path(name).expanduser().exists()
     )
+
+
+def text_unit(path: Path, text_split: str) -> str:
+    """``datasets``' ``sample_by`` for a ``.txt`` file: the setting, or for ``auto`` paragraphs
+    when the file has a blank line (read in chunks, never whole) and lines otherwise."""
+    if text_split != "auto":
+        return {"file": "document"}.get(text_split, text_split)
+    tail = ""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), ""):
+            text = (tail + chunk).replace("\r\n", "\n")
+            if "\n\n" in text or "\n \n" in text:
+                return "paragraph"
+            tail = text[-2:]
+    return "line"
 
 
 def load_documents(cfg: DataConfig, streaming: bool = False):
@@ -158,8 +180,11 @@ def load_documents(cfg: DataConfig, streaming: bool = False):
         builder = LOCAL_SUFFIXES.get(path.suffix)
         if builder is None:
             raise DataError(f"data.dataset: cannot read {path.suffix!r} files; use one of {', '.join(LOCAL_SUFFIXES)}")
-        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
-        return load_dataset(builder, data_files={"train": str(path)}, split="train", streaming=streaming, **kwargs)
+        kwargs: dict[str, Any] = {"sample_by": text_unit(path, cfg.text_split)} if builder == "text" else {}
+        docs = load_dataset(builder, data_files={"train": str(path)}, split="train", streaming=streaming, **kwargs)
+        if kwargs.get("sample_by") in ("paragraph", "line"):  # blank lines and paragraphs are no documents
+            docs = docs.filter(lambda ex: bool(ex["text"].strip()))
+        return docs
     try:
         return load_dataset(name, cfg.dataset_config, split=cfg.split, streaming=streaming)
     except Exception as exc:
@@ -419,13 +444,17 @@ def build_data(
     docs = docs.shuffle(seed=seed)
     if cfg.max_documents is not None:
         docs = docs.select(range(min(cfg.max_documents, len(docs))))
-    if len(docs) < 2:
+    by_rows = len(docs) == 1 and cfg.format == "text"  # one huge document: hold out rows, not documents
+    if len(docs) < 2 and not by_rows:
         raise DataError(
             f"data.dataset {cfg.dataset!r} has {len(docs)} document(s); need at least 2 "
             "(one is held out for validation)"
         )
     n_val = max(1, round(cfg.val_fraction * len(docs)))
-    val_docs, train_docs = docs.select(range(n_val)), docs.select(range(n_val, len(docs)))
+    if by_rows:
+        val_docs = train_docs = docs
+    else:
+        val_docs, train_docs = docs.select(range(n_val)), docs.select(range(n_val, len(docs)))
 
     if cfg.format == "text":
         if cfg.text_field not in docs.column_names:
@@ -446,6 +475,9 @@ def build_data(
             tokenised_rows(part, tok, cfg.text_field, cfg.seq_len, f"tokenising {name}", cfg.num_proc)
             for part, name in ((train_docs, "train"), (val_docs, "val"))
         )
+        if by_rows:  # the same rows twice (one cached tokenisation): the leading ones are validation
+            n_val = min(max(1, round(cfg.val_fraction * train_ids.shape[0])), train_ids.shape[0] - 1)
+            train_ids, val_ids = train_ids[n_val:], val_ids[:n_val]
         train_rows, val_rows = {"input_ids": train_ids}, {"input_ids": val_ids}
         from_cache = train_hit and val_hit
     else:

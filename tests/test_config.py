@@ -49,6 +49,14 @@ def test_dotted_overrides_apply_and_parse_as_yaml():
     assert cfg.optim.betas == [0.8, 0.9]
 
 
+def test_an_override_value_that_is_not_yaml_is_a_string():
+    assert parse_overrides(["data.file_glob=*.txt", "data.dataset=**/notes"]) == {
+        "data": {"file_glob": "*.txt", "dataset": "**/notes"}
+    }
+    assert parse_overrides(["train.max_steps=5"]) == {"train": {"max_steps": 5}}  # YAML values still parse
+    assert load_recipe(RECIPES[0], ["data.file_glob=*.txt"]).data.file_glob == "*.txt"
+
+
 def test_override_errors():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         parse_overrides(["train.max_steps"])

@@ -136,7 +136,9 @@ def test_sft_chat_rows_are_read_back_from_the_datasets_cache(tmp_path, tokenizer
 
     def direct(seq_len, tokenizer):
         docs = load_documents(cfg).shuffle(seed=0).select(range(4, 40))
-        rows = [r for r in (real(ex, tokenizer, DataConfig(**{**cfg.__dict__, "seq_len": seq_len})) for ex in docs) if r]
+        rows = [
+            r for r in (real(ex, tokenizer, DataConfig(**{**cfg.__dict__, "seq_len": seq_len})) for ex in docs) if r
+        ]
         return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
     ids, mask = direct(24, tok)
@@ -147,7 +149,9 @@ def test_sft_chat_rows_are_read_back_from_the_datasets_cache(tmp_path, tokenizer
     templated = copy.deepcopy(tok)
     templated.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
     other = build_data(cfg, TOK, 0, tokenizer=templated)
-    assert other.stats["tokens_from_cache"] == 0.0 and torch.equal(other.train.rows["input_ids"], direct(24, templated)[0])
+    assert other.stats["tokens_from_cache"] == 0.0 and torch.equal(
+        other.train.rows["input_ids"], direct(24, templated)[0]
+    )
 
 
 def test_stdlib_corpus_is_found():
@@ -263,3 +267,58 @@ def test_chat_rows_mask_the_prompt_and_pad_with_eos(tokenizer):
     assert chat_row({"prompt": "x " * 100, "response": "y"}, tokenizer, cfg) is None  # prompt does not fit
     with pytest.raises(DataError, match="needs 'messages' or 'prompt'"):
         chat_row({"question": "q"}, tokenizer, cfg)
+
+
+def _paragraph_file(path, n: int = 24) -> list[str]:
+    from conftest import WORDS
+
+    words = list(WORDS)
+    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12 + i % 5)) for i in range(n)]
+    path.write_text("\n\n".join(p.replace(" ", "\n", 2) for p in paragraphs) + "\n")  # paragraphs span lines
+    return paragraphs
+
+
+def test_a_txt_file_splits_into_paragraphs_lines_or_one_document(tmp_path):
+    from dlm.data import text_unit
+
+    paragraphs = _paragraph_file(tmp_path / "corpus.txt")
+    docs = load_documents(DataConfig(dataset=str(tmp_path / "corpus.txt")))
+    assert len(docs) == len(paragraphs)  # auto: blank-line paragraphs
+    assert [" ".join(d.split()) for d in docs["text"]] == paragraphs
+    lines = tmp_path / "words.txt"  # a word list: no blank line, one entry per line
+    lines.write_text("alpha\nbeta\n\ngamma\n".replace("\n\n", "\n") + "delta\n")
+    assert text_unit(lines, "auto") == "line"
+    assert load_documents(DataConfig(dataset=str(lines)))["text"] == ["alpha", "beta", "gamma", "delta"]
+    assert len(load_documents(DataConfig(dataset=str(tmp_path / "corpus.txt"), text_split="line"))) > len(paragraphs)
+    whole = load_documents(DataConfig(dataset=str(tmp_path / "corpus.txt"), text_split="file"))
+    assert len(whole) == 1
+    with pytest.raises(DataError, match="text_split"):
+        DataConfig(text_split="sentence")
+
+
+def test_one_huge_document_holds_out_validation_by_rows(tmp_path, tokenizer):
+    _paragraph_file(tmp_path / "corpus.txt", n=60)
+    cfg = DataConfig(dataset=str(tmp_path / "corpus.txt"), text_split="file", seq_len=16, val_fraction=0.2)
+    bundle = build_data(cfg, TOK, 0, tokenizer=tokenizer)
+    n_train, n_val = bundle.train.num_rows, bundle.val["input_ids"].shape[0]
+    everything = build_data(dataclasses_replace(cfg, val_fraction=0.5), TOK, 0, tokenizer=tokenizer)
+    assert n_val == round(0.2 * (n_train + n_val)) and n_train > n_val > 0
+    rows = torch.cat([bundle.val["input_ids"], bundle.train.rows["input_ids"]])  # validation rows lead, none repeated
+    assert torch.equal(rows, torch.cat([everything.val["input_ids"], everything.train.rows["input_ids"]]))
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_dlm_train_on_a_single_multi_document_txt_file(tmp_path):
+    """The commonest user corpus, one .txt file, trains and validates on held-out paragraphs."""
+    from conftest import train_tiny
+
+    _paragraph_file(tmp_path / "corpus.txt", n=80)
+    run = train_tiny(tmp_path, data={"dataset": str(tmp_path / "corpus.txt"), "file_glob": "**/*.py"})
+    log = [json.loads(line) for line in open(f"{run}/log.jsonl")]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert any(r.get("val_ppl", 0) > 1 for r in log)
