@@ -1,4 +1,4 @@
-"""dlm.decode: samplers for masked diffusion LMs behind one interface (SPEC §3).
+"""dlm.decode: samplers for masked diffusion LMs behind one interface (docs/decoders.md).
 
     decoder = build_decoder("confidence", gen_length=256, steps=256, block_length=32)
     out = decoder(model, prompt_ids, attention_mask=mask, generator=torch.Generator().manual_seed(0))

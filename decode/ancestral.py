@@ -1,4 +1,4 @@
-"""Ancestral sampling for masked diffusion (MDLM, Sahoo et al., 2024), SPEC §3.
+"""Ancestral sampling for masked diffusion (MDLM, Sahoo et al., 2024), docs/decoders.md#ancestral-sampling.
 
 Within each block, times ``1 = t_N > … > t_0 = 0`` on a uniform grid. From ``t`` to ``s``
 each still-masked token unmasks with probability ``(α_s − α_t) / (1 − α_t)``, taking its

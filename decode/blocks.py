@@ -1,4 +1,4 @@
-"""The semi-autoregressive block loop every decoder runs on (SPEC §3).
+"""The semi-autoregressive block loop every decoder runs on (docs/decoders.md#the-semi-autoregressive-block-loop).
 
 The generation is split into blocks of ``block_length`` decoded left to right; ``steps`` are
 spread evenly over them; positions beyond the current block are never eligible. Inside a

@@ -1,4 +1,4 @@
-"""KV-cache policies for decoding, one interface (SPEC §4).
+"""KV-cache policies for decoding, one interface (docs/caches.md).
 
 A policy turns "logits of block ``[start, end)`` of canvas ``x``" into model calls that feed
 only some canvas columns; the rest of the attention reads K/V kept in a position-indexed

@@ -1,5 +1,5 @@
 """Confidence decoding (LLaDA low-confidence remasking / MaskGIT) and Fast-dLLM parallel
-decoding, SPEC §3.
+decoding (docs/decoders.md#confidence-decoding).
 
 Each step predicts every eligible masked position (argmax, or a float64 sample at the
 temperature), scores it, and keeps a number of the best-scored; the rest stay masked.

@@ -1,4 +1,4 @@
-"""First-hitting sampler (FHS; Zheng et al., 2024), SPEC §3: exact simulation of the
+"""First-hitting sampler (FHS; Zheng et al., 2024), docs/decoders.md#first-hitting-sampler: exact simulation of the
 continuous-time reverse chain of masked diffusion.
 
 With ``n`` masked tokens at time ``τ``, the next unmasking time is

@@ -1,4 +1,4 @@
-"""Categorical sampling in float64 (SPEC §3), with temperature, top-k and top-p.
+"""Categorical sampling in float64 (docs/decoders.md#categorical-sampling), with temperature, top-k and top-p.
 
 float32 Gumbel noise is capped near 16.6, so a token whose logit is more than ~16.6 below the
 best is never drawn: the temperature is silently lowered and generative perplexity looks

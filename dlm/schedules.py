@@ -1,4 +1,4 @@
-"""Noise schedules for absorbing (masking) diffusion, SPEC §1.
+"""Noise schedules for absorbing (masking) diffusion (docs/objectives.md#noise-schedules).
 
 ``alpha(t)`` is the probability that a token is still clean at time ``t`` (``α_0 = 1``); the
 continuous-time NELBO weights each masked token's loss by ``w(t) = -α'_t / (1 - α_t)``.

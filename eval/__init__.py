@@ -1,4 +1,4 @@
-"""dlm.eval: evaluation (SPEC §5) and benchmarks.
+"""dlm.eval: evaluation (docs/likelihoods.md) and benchmarks.
 
 Importing ``dlm.eval`` registers the lm-eval-harness model ``dlm`` (:mod:`dlm.eval.harness`)
 when lm-eval is installed (``pip install "dlm[eval]"``). Likelihood bounds live in

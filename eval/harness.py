@@ -1,4 +1,4 @@
-"""lm-eval-harness model ``dlm`` (registered when ``dlm.eval`` is imported), SPEC §5.
+"""lm-eval-harness model ``dlm`` (registered when ``dlm.eval`` is imported), docs/likelihoods.md#lm-eval-loglikelihood.
 
     lm_eval --model dlm --model_args pretrained=runs/quickstart,decoder=confidence,gen_length=256,\\
         block_length=32,cache=dual,threshold=0.9,mc_num=128,batch_size=8 --tasks ...

@@ -1,4 +1,4 @@
-"""Likelihood bounds of a masked diffusion LM for evaluation (SPEC §5).
+"""Likelihood bounds of a masked diffusion LM for evaluation (docs/likelihoods.md#the-bound).
 
 A masked diffusion model has no exact likelihood; it has the ELBO
 

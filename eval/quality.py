@@ -1,4 +1,4 @@
-"""Perplexity bounds on a dataset and generative quality of samples (SPEC §5).
+"""Perplexity bounds on a dataset and generative quality of samples (docs/likelihoods.md).
 
     dlm ppl runs/quickstart --data stdlib --max-documents 50
     dlm ppl runs/quickstart --judge runs/quickstart-ar --num-samples 16 --gen-length 128

@@ -1,4 +1,4 @@
-"""SPEC §7 BD3-LM invariants."""
+"""BD3-LM invariants (docs/objectives.md#bd3lm)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""SPEC §7: KV caches. The exact block cache (and the prefix cache on a block-causal model)
+"""KV caches (docs/caches.md). The exact block cache (and the prefix cache on a block-causal model)
 equal no cache token for token; the delayed cache with r = 1 equals no cache; the approximate
 caches handle ragged left-padded batches (each row decodes as it would alone) and read back
 exactly what a full forward computes while the canvas is unchanged."""

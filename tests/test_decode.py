@@ -106,7 +106,7 @@ def test_ancestral_never_samples_the_mask_token():
 
 
 def test_no_change_cache_nfe_matches_closed_form():
-    """Expected model calls N·(1 − (1 − 1/N)^L) under the linear schedule (SPEC §3)."""
+    """Expected model calls N·(1 − (1 − 1/N)^L) under the linear schedule (docs/decoders.md#ancestral-sampling)."""
     N, L, runs = 32, 24, 400
     dec = AncestralDecoder(gen_length=L, steps=N, mask_token_id=7)
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""SPEC §3 / §7 decoder invariants: exactness against an oracle, FHS statistics, float64
+"""Decoder invariants (docs/decoders.md): exactness against an oracle, FHS statistics, float64
 sampling, LLaDA schedules, blocks, stopping, guidance, batching and bad input."""
 
 import math
@@ -112,7 +112,7 @@ def test_first_hitting_times_follow_one_minus_alpha_under_nonlinear_schedules(sc
 
 
 def gumbel_float32(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """The float32 Gumbel-max that SPEC §3 warns about (kept here only to show it fails)."""
+    """The float32 Gumbel-max that docs/decoders.md#categorical-sampling warns about (kept here only to show it fails)."""
     u = torch.rand(logits.shape, generator=g, dtype=torch.float32)
     return (logits.float() - torch.log(-torch.log(u))).argmax(-1)
 

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §5): ELBO estimators against exact enumeration, rolling windows, the lm-eval
+"""Evaluation (docs/likelihoods.md): ELBO estimators against exact enumeration, rolling windows, the lm-eval
 model ``dlm`` end to end on local tasks, and its input errors."""
 
 import logging

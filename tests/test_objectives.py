@@ -1,4 +1,4 @@
-"""SPEC §7 objective invariants."""
+"""Objective invariants (docs/objectives.md#invariants-at-a-glance)."""
 
 import itertools
 import math

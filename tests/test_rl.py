@@ -1,4 +1,4 @@
-"""SPEC §6/§7 RL invariants: rows, log-probs, the clipped loss, advantages and rewards."""
+"""RL invariants (docs/rl.md#what-the-tests-check): rows, log-probs, the clipped loss, advantages and rewards."""
 
 import math
 
@@ -99,7 +99,7 @@ def test_each_coupled_row_is_unbiased_for_the_log_prob_of_a_context_free_model()
     complement with probability 1 − t at weight 1/(1 − t): each row alone has expected weight 1
     per token and estimates Σ log p without bias, and the coupled sum of the two (what
     token_logprobs returns for a rollout) estimates 2·Σ log p (weights 1/t and 1/(1 − t) as
-    SPEC §6 states; an estimate of Σ log p itself would need half those weights)."""
+    docs/rl.md#coupled-grpo states; an estimate of Σ log p itself would need half those weights)."""
     V, mask = 6, 5
     logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
     model = ContextFree(logits)

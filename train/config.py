@@ -22,7 +22,7 @@ from dlm.tokenizer import TokenizerConfig
 @dataclass(frozen=True)
 class DiffusionConfig:
     schedule: str = "loglinear"
-    """Noise schedule: loglinear, cosine or polynomial (SPEC §1)."""
+    """Noise schedule: loglinear, cosine or polynomial (docs/objectives.md#noise-schedules)."""
     schedule_args: dict[str, float] = field(default_factory=dict)
     """Schedule parameters, e.g. {eps: 1e-3} or {k: 2}."""
     t_eps: float = 1e-3
@@ -117,7 +117,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Samples printed at the end of training (ancestral sampler, SPEC §3)."""
+    """Samples printed at the end of training (ancestral sampler, docs/decoders.md)."""
 
     num_samples: int = 3
     gen_length: int = 128

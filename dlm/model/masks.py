@@ -1,7 +1,7 @@
 """Attention masks as pure functions of query and key indices (True = may attend).
 
 Each function broadcasts over index tensors, so ``causal(q[:, None], k[None, :])`` builds the
-full ``[Tq, Tk]`` matrix. The BD3-LM mask follows SPEC §2 (Arriola et al., 2025): the input is
+full ``[Tq, Tk]`` matrix. The BD3-LM mask follows docs/objectives.md#bd3lm (Arriola et al., 2025): the input is
 ``[z_t ⊕ x]`` of length ``2L`` and both halves use positions ``0..L-1``.
 """
 

@@ -1,6 +1,6 @@
 """Autoregressive baseline: next-token cross-entropy on the same backbone in causal mode.
 
-Used for fair comparisons (the MDLM/AR perplexity ratio of SPEC §7b) and later as a
+Used for fair comparisons (the MDLM/AR perplexity ratio in docs/objectives.md#reference-numbers) and later as a
 generative-perplexity judge. Each row of L tokens scores its L−1 next-token predictions;
 ``exp`` of the loss is the exact perplexity (``bound = "nll"``). A ``loss_mask`` in the batch
 (SFT data) restricts scoring to answer tokens.

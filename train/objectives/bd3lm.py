@@ -1,4 +1,4 @@
-"""BD3-LM: block diffusion (Arriola et al., 2025), SPEC §2.
+"""BD3-LM: block diffusion (Arriola et al., 2025), docs/objectives.md#bd3lm.
 
 The sequence is split into blocks of ``B`` tokens; block ``b`` gets its own time ``t_b``, only it
 is noised, and it is denoised given the *clean* earlier blocks:

@@ -1,4 +1,4 @@
-"""Exact-count estimator of the masked diffusion NELBO (LLaDA / RADD "k-DCE"), SPEC §2.
+"""Exact-count estimator of the masked diffusion NELBO (LLaDA / RADD "k-DCE"), docs/objectives.md#exact_count.
 
 Draw ``k ~ U{1..L}``, mask exactly ``k`` uniformly chosen positions, score
 ``(L/k) · Σ_masked −log x_θ``. It has the expectation of the ``1/t`` estimator — both equal

@@ -1,4 +1,4 @@
-"""MDLM: the continuous-time masked diffusion NELBO with SUBS (Sahoo et al., 2024), SPEC §2.
+"""MDLM: the continuous-time masked diffusion NELBO with SUBS (Sahoo et al., 2024), docs/objectives.md#mdlm.
 
     NELBO(x) = E_{t~U(ε,1)} E_{z_t} [ w(t) · Σ_{l: z_t^l = m} −log x_θ(z_t)^l[x^l] ],  w(t) = −α'_t/(1−α_t)
 

@@ -1,4 +1,4 @@
-"""Conditional SFT for masked diffusion (LLaDA §2.3), SPEC §2.
+"""Conditional SFT for masked diffusion (LLaDA §2.3), docs/objectives.md#sft.
 
 The prompt is never masked; only answer tokens are noised and scored. Each sequence's loss is
 ``Σ_masked w(t)·(−log p) / answer_length`` and the batch loss is the mean over sequences.

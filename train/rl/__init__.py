@@ -1,4 +1,4 @@
-"""dlm.train.rl: RL fine-tuning of diffusion LMs (SPEC §6).
+"""dlm.train.rl: RL fine-tuning of diffusion LMs (docs/rl.md).
 
 * :mod:`~dlm.train.rl.rewards` — reward functions ``(prompts, completions, **fields) -> list[float]``
   in a registry, with validation that names the function at fault;

@@ -1,4 +1,4 @@
-"""Log-probabilities of a rollout's tokens, estimated from *rows* (SPEC §6).
+"""Log-probabilities of a rollout's tokens, estimated from *rows* (docs/rl.md#rollouts-and-log-probability-rows).
 
 A rollout is the decoded canvas ``tokens [B, T]`` (prompt ⊕ completion as the decoder left it:
 ``DecodeOutput.canvas``, not the EOS-filled text view), its ``step_map [B, T]`` (the decoding step

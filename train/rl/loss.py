@@ -1,4 +1,4 @@
-"""Group-relative advantages and the clipped policy loss, as pure functions (SPEC §6)."""
+"""Group-relative advantages and the clipped policy loss, as pure functions (docs/rl.md)."""
 
 from __future__ import annotations
 
