@@ -45,36 +45,38 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-DECODER_OPTIONS = {  # CLI option -> decoder setting (None = not given)
-    "gen_length": "gen_length",
-    "steps": "steps",
-    "block_length": "block_length",
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "cfg_scale": "cfg_scale",
-    "remasking": "remasking",
-    "threshold": "threshold",
-    "factor": "factor",
-    "tokens_per_call": "tokens_per_call",
-    "cache": "cache",
-    "refresh_every": "refresh_every",
-    "open_next_at": "open_next_at",
-    "max_open_blocks": "max_open_blocks",
-    "compile": "compile",
-}
+DECODER_OPTIONS = (  # CLI options that are decoder settings of the same name (None = not given)
+    "gen_length",
+    "steps",
+    "block_length",
+    "temperature",
+    "top_k",
+    "top_p",
+    "cfg_scale",
+    "remasking",
+    "threshold",
+    "factor",
+    "tokens_per_call",
+    "cache",
+    "refresh_every",
+    "open_next_at",
+    "max_open_blocks",
+    "compile",
+)
 
 
-def options_for(args: argparse.Namespace, registry, name: str, options: dict[str, str], flag: str) -> dict:
+def options_for(args: argparse.Namespace, registry, name: str, options, flag: str) -> dict:
     """The settings of ``registry[name]`` given on the command line (``options``: CLI option ->
-    setting); an option the component does not take is an error naming ``--flag NAME``."""
+    setting, or CLI options named as their settings); an option the component does not take is an
+    error naming ``--flag NAME``."""
     from dataclasses import fields
 
     from dlm.config import ConfigError
 
     allowed = {f.name for f in fields(registry.get(name))}
     settings = {}
-    for option, key in options.items():
+    pairs = options.items() if isinstance(options, dict) else ((option, option) for option in options)
+    for option, key in pairs:
         value = getattr(args, option, None)
         if value is None:
             continue

@@ -80,14 +80,6 @@ class KVCache:
         if slots_BT.numel() and not self.static:  # a static cache reads every slot: no host sync
             self.filled = max(self.filled, int(slots_BT.max()) + 1)
 
-    def invalidate(self, slots_BT: Tensor | None = None) -> None:
-        """Forget slots (all of them when ``slots_BT`` is None)."""
-        if slots_BT is None:
-            self.valid.zero_()
-            self.filled = 0
-        else:
-            self.valid.scatter_(1, slots_BT, False)
-
     def reindex(self, index: Tensor) -> None:
         """Row ``i`` of every buffer becomes row ``index[i]`` (resampled decoding particles)."""
         index = index.to(self.valid.device)

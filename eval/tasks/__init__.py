@@ -223,5 +223,3 @@ metadata:
     )
     return root
 
-
-TASK_NAMES = ("dlm_repeat", "dlm_repeat_mc", "dlm_arithmetic", "dlm_stdlib_ppl")

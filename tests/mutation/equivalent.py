@@ -36,7 +36,6 @@ UNIT_TOTAL = (
     "the weights are a softmax, so total is 1 up to float32 rounding (~1e-7): p / total, p * total and "
     "p ** total give log-probs within ~2e-7 of each other"
 )
-METRICS = "LossOutput.metrics is never read (the loop logs the loss and the learning rate)"
 POW2_CHUNK = (
     "k·C is a multiple of the chunk size C, a power of two (256) or the whole vocabulary (then k = 0), "
     "and the offset is below C: `+`, `|` and `^` agree"
@@ -44,8 +43,6 @@ POW2_CHUNK = (
 
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "train/objectives/sft.py": [
-        *[('{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},', '{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},'.replace(" / ", f" {op} "), METRICS) for op in ['+', '-', '*', '//', '%', '**', '>>', '<<', '|', '&', '^']],
-        *[('{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},', '{"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},'.replace("min=1", m), METRICS) for m in ("min= 2", "min= 0")],
         ('masked = (noise["u"].to(x0.device) < p_mask) & answer', 'masked = (noise["u"].to(x0.device) < p_mask) * answer', BOOL),
         ('masked = (noise["u"].to(x0.device) < p_mask) & answer', 'masked = (noise["u"].to(x0.device) <= p_mask) & answer',
          "they differ only where a float32 uniform equals the masking probability exactly (about 2^-24 per "

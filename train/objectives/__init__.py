@@ -19,7 +19,7 @@ An objective is built from the recipe and exposes:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -33,7 +33,6 @@ from dlm.registry import Registry
 class LossOutput:
     total: Tensor  # summed loss over the micro-batch (scalar)
     count: Tensor  # normaliser (tokens, or sequences for SFT)
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Objective(Protocol):

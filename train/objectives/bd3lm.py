@@ -131,7 +131,6 @@ class BD3LMObjective:
         return LossOutput(
             (weight * nll).sum(),
             torch.tensor(float(x0.numel()), device=x0.device),
-            {"mask_rate": masked.float().mean().item()},
         )
 
 

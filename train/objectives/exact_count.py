@@ -56,7 +56,6 @@ class ExactCountObjective:
         return LossOutput(
             (weight * nll).sum(),
             torch.tensor(float(x0.numel()), device=x0.device),
-            {"mask_rate": masked.float().mean().item()},
         )
 
 

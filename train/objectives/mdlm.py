@@ -69,9 +69,7 @@ class MDLMObjective:
         nll = -logp.gather(-1, x0[masked][:, None]).squeeze(-1)  # [N]
         weight = self.schedule.weight(t)[:, None].expand_as(x0)[masked]
         total = (weight * nll).sum()
-        return LossOutput(
-            total, torch.tensor(float(x0.numel()), device=x0.device), {"mask_rate": masked.float().mean().item()}
-        )
+        return LossOutput(total, torch.tensor(float(x0.numel()), device=x0.device))
 
 
 @OBJECTIVES.register("mdlm")

@@ -34,7 +34,6 @@ class SFTObjective(MDLMObjective):
         return LossOutput(
             (weight * nll).sum(),
             torch.tensor(float(x0.shape[0]), device=x0.device),
-            {"mask_rate": (masked.sum() / answer.sum().clamp(min=1)).item()},
         )
 
 
