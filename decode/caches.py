@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from dlm.decode import CACHES
 from dlm.model.cache import KVCache
-from dlm.model.modeling import is_shifted
+from dlm.model.modeling import is_shifted, logits_of
 
 
 def supported_caches(model: nn.Module) -> list[str]:
@@ -61,10 +61,6 @@ def check_cache(model: nn.Module, cache: str) -> None:
     else:
         why = f"a bidirectional or block-causal model; this model is {mode}"
     raise ValueError(f"cache={cache!r} needs {why}. Caches it supports: {', '.join(ok)}")
-
-
-def _logits(out) -> Tensor:
-    return out.logits if hasattr(out, "logits") else out
 
 
 class Runner:
@@ -100,8 +96,8 @@ class Runner:
         """A forward over the whole canvas (writing every column to ``cache`` when given)."""
         if not self.block_only:
             if pad is None:
-                return _logits(self.call(input_ids=x))[:, start:end][wanted]
-            return _logits(self.call(input_ids=x, attention_mask=pad))[:, start:end][wanted]
+                return logits_of(self.call(input_ids=x))[:, start:end][wanted]
+            return logits_of(self.call(input_ids=x, attention_mask=pad))[:, start:end][wanted]
         return self.fed(x, pad, cache, 0, x.shape[1], start, end, wanted)
 
     def fed(
@@ -125,7 +121,7 @@ class Runner:
         kw = {}
         if cache is not None:
             kw = {"cache": cache, "cache_slots": torch.arange(lo, hi, device=x.device).expand(B, -1)}
-        return _logits(self.call(input_ids=x[:, lo:hi], attention_mask=pad, output_mask=keep, **kw))
+        return logits_of(self.call(input_ids=x[:, lo:hi], attention_mask=pad, output_mask=keep, **kw))
 
 
 class ExactRunner(Runner):
@@ -205,7 +201,7 @@ class DelayedRunner(Runner):
         scored[:, start:end] = wanted  # wanted columns are masked, hence stale: every one is fed
         keep = scored.gather(1, slots) & first
         # slots increase along a row, so the rows come out in the row-major order of ``wanted``
-        logits = _logits(
+        logits = logits_of(
             self.call(input_ids=tokens, attention_mask=pad, cache=self.cache, cache_slots=slots, output_mask=keep)
         )
         self.seen.scatter_(1, slots, tokens)

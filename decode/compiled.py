@@ -27,9 +27,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from dlm.decode.caches import _logits
 from dlm.model.cache import KVCache
-from dlm.model.modeling import unwrapped
+from dlm.model.modeling import logits_of, unwrapped
 
 #: graphs one decode may compile before torch.compile gives up on new shapes (dynamo's recompile limit)
 MAX_GRAPHS = 64
@@ -128,7 +127,7 @@ class CompiledForward:
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
         if self.whole:
-            return _logits(
+            return logits_of(
                 self._run(lambda fn: fn(self.model, input_ids=input_ids, attention_mask=attention_mask, **kw))
             )
         cache: KVCache | None = kw.get("cache")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from dlm.model.modeling import logits_of
+
 
 @dataclass
 class DecodeOutput:
@@ -64,7 +66,7 @@ def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
         out = model(input_ids=input_ids)
     else:
         out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.logits if hasattr(out, "logits") else out
+    return logits_of(out)
 
 
 def check_context(model: nn.Module, total_length: int) -> None:

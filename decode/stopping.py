@@ -1,4 +1,5 @@
-"""Stop strings: a criterion the block loop checks after each block, and the final cut."""
+"""Where a completion ends: at its first EOS token, or at a stop string (a criterion the block loop
+checks after each block, and the final cut of the text)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ class StopStrings:
         return torch.tensor([any(s in text for s in self.strings) for text in texts])
 
 
+def until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """The tokens before the first EOS (all of them when there is none, or no EOS id)."""
+    return tokens[: tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
+
+
 def cut_at_stop(text: str, strings: list[str]) -> str:
-    """The text up to (not including) the first stop string."""
-    cuts = [text.index(s) for s in strings if s in text]
+    """The text up to (not including) the first stop string (empty strings never stop)."""
+    cuts = [text.index(s) for s in strings if s and s in text]
     return text[: min(cuts)] if cuts else text

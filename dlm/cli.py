@@ -89,17 +89,24 @@ def options_for(args: argparse.Namespace, registry, name: str, options, flag: st
 def decoder_settings(args: argparse.Namespace) -> dict:
     """Settings for ``build_decoder`` from the CLI; an option the decoder does not take is an error.
     Only options given are returned (a preset or the decoder's defaults fill the rest)."""
-    from dlm.config import ConfigError
-    from dlm.decode import DECODERS, decoder_names
+    from dlm.decode import DECODERS
 
-    decoder_names()  # registers the built-ins
     settings = options_for(args, DECODERS, args.decoder, DECODER_OPTIONS, "decoder")
     if args.decoder == "confidence":
-        if args.threshold is not None and args.factor is not None:
-            raise ConfigError("give --threshold or --factor, not both")
-        if args.threshold is not None or args.factor is not None:
-            settings["rule"] = "threshold" if args.threshold is not None else "factor"
+        settings.update(confidence_rule(args))
     return settings
+
+
+def confidence_rule(args: argparse.Namespace) -> dict:
+    """``{"rule": "threshold" | "factor"}`` when ``--threshold`` or ``--factor`` is given (both is
+    an error), else nothing: the decoder's own rule."""
+    from dlm.config import ConfigError
+
+    if args.threshold is not None and args.factor is not None:
+        raise ConfigError("give --threshold or --factor, not both")
+    if args.threshold is None and args.factor is None:
+        return {}
+    return {"rule": "threshold" if args.threshold is not None else "factor"}
 
 
 def add_speed_options(p: argparse.ArgumentParser) -> None:
@@ -135,9 +142,8 @@ GUIDE_OPTIONS = {  # CLI option -> guide setting
 
 def guide_settings(args: argparse.Namespace) -> dict:
     """Settings for ``build_guide`` from the CLI; an option the guide does not take is an error."""
-    from dlm.decode.guides import GUIDES, guide_names
+    from dlm.decode.guides import GUIDES
 
-    guide_names()  # registers the built-ins
     return options_for(args, GUIDES, args.guide, GUIDE_OPTIONS, "guide")
 
 
@@ -183,8 +189,9 @@ def _generate(args: argparse.Namespace) -> int:
     from dlm.decode.show import render_frames, replay
     from dlm.decode.stopping import StopStrings, cut_at_stop
     from dlm.loading import load
+    from dlm.utils import torch_dtype
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model, tok, ckpt = load(args.checkpoint, dtype=dtype, device=args.device)
     prompts = list(args.prompt or [""])
     if args.prompt_file:

@@ -20,7 +20,6 @@ for one block (per block with semi-AR).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from dlm.decode.caches import supported_caches
 from dlm.decode.compiled import compiled_forward
 from dlm.model import DLMConfig, DLMModel
 from dlm.tasks import score
+from dlm.utils import write_json
 
 
 @dataclass(frozen=True)
@@ -314,8 +314,7 @@ def main(args) -> int:
             print(f"batch {row['batch']:4d}  tokens {row['tokens']:6d}  weights {row['weights_gb']:7.2f} GiB  "
                   f"KV cache {row['kv_cache_gb']:7.2f} GiB")  # fmt: skip
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"model": what, "dtype": args.dtype, "plan": plan}, fh, indent=2)
+            write_json(args.json, {"model": what, "dtype": args.dtype, "plan": plan})
         return 0
     inner, tok, what = load_model(args)
     model = TimedModel(inner)
@@ -387,6 +386,5 @@ def main(args) -> int:
         )
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "func"}
-        with open(args.json, "w") as fh:
-            json.dump({"model": what, "params": n_params, "settings": settings, "results": rows}, fh, indent=2)
+        write_json(args.json, {"model": what, "params": n_params, "settings": settings, "results": rows})
     return 0

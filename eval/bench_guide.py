@@ -16,7 +16,6 @@ decoded plainly (e.g. the RL-trained model), one sample per prompt.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dlm.eval.bench_decode import parse_task_args
+from dlm.utils import pyplot, save_figure, torch_dtype, write_json
 
 BUDGET_KEY = {"best_of_n": "particles", "smc": "particles", "svdd": "candidates", "dts": "rollouts"}
 
@@ -89,11 +89,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def plot(summary: list[dict], reference: dict | None, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in BUDGET_KEY:
         pts = sorted((a for a in summary if a["method"] == method), key=lambda a: a["nfe"])
@@ -116,8 +112,7 @@ def plot(summary: list[dict], reference: dict | None, path: Path, title: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 def main(args) -> int:
@@ -138,7 +133,7 @@ def main(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     if "best_of_n" not in methods:
         methods = ["best_of_n", *methods]  # the baseline every point is read against
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model, tok, where = load(args.checkpoint, dtype=dtype, device=args.device)
     model.eval()
     try:
@@ -202,10 +197,7 @@ def main(args) -> int:
         "threads": torch.get_num_threads(),
     }
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
+        write_json(args.json, record)
     if args.plot:
         plot(summary, reference, Path(args.plot), f"{args.task} · {Path(str(where)).parent.name} · {args.decoder}")
         print(f"plot: {args.plot}")

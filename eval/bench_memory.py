@@ -26,9 +26,10 @@ positions, AR every one). Figures are estimates to plan with: allocator fragment
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from dlm.utils import write_json
 
 GB = 2**30
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
@@ -160,5 +161,5 @@ def main(args) -> int:
         record = {"where": str(where), "gpus": gpus, "gpu_memory_gb": args.gpu_memory, **sizes,
                   "micro_batch": rows, "seq_len": seq, "gradient_checkpointing": cfg.model.gradient_checkpointing,
                   "plans": [{**p.__dict__, "total": p.total} for p in plans]}  # fmt: skip
-        Path(args.json).write_text(json.dumps(record, indent=2))
+        write_json(args.json, record)
     return 0

@@ -9,7 +9,6 @@ random tokens. Figures of merit: MDLM ÷ AR step time (target ≤ 1.10) and vect
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -17,6 +16,7 @@ import torch
 
 from dlm.model import DLMConfig, DLMModel
 from dlm.train.objectives import build_objective
+from dlm.utils import write_json
 
 
 def time_objective(
@@ -79,8 +79,5 @@ def main(args) -> int:
                 results[name]["ratio_to_ar"] = ratio
                 print(f"  {name} / ar step time: {ratio:.3f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(
-                {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, fh, indent=2
-            )
+        write_json(args.json, {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results})
     return 0

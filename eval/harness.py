@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from dlm.data import left_pad
 from dlm.decode import DECODERS, build_decoder, decoder_names
+from dlm.decode.stopping import cut_at_stop, until_eos
 from dlm.eval.likelihood import Request, elbo
+from dlm.utils import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,6 @@ GENERAL = {
 
 
 def decoder_keys(name: str) -> list[str]:
-    decoder_names()
     return [f.name for f in fields(DECODERS.get(name)) if f.name not in ("stop", "record_history", "gen_length")]
 
 
@@ -81,18 +82,16 @@ class DLMEvalModel(TemplateLM):
         from dlm.loading import load
 
         remote = str(kwargs.get("trust_remote_code", False)).lower() in ("true", "1", "yes")
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            str(kwargs.get("dtype", "float32"))
-        ]
+        dtype = torch_dtype(str(kwargs.get("dtype", "float32")))
         self.device_name = str(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device_name.startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %s requested but CUDA is not available: running on the CPU", self.device_name)
             self.device_name = "cpu"  # lm-eval's command line asks for cuda by default
         self.accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
+            from dlm.train.engine import make_accelerator
 
-            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            self.accelerator = make_accelerator()
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             self.device_name = str(self.accelerator.device)
         self.model, self.tokenizer, path = load(
@@ -299,14 +298,9 @@ class DLMEvalModel(TemplateLM):
                 out = decoder(self.model, ids, attention_mask=pad, generator=gen)
                 self.generation_seconds += time.perf_counter() - t0
                 for row, i in enumerate(chunk):
-                    tokens = out.generated[row].tolist()
-                    if self.eot_token_id in tokens:
-                        tokens = tokens[: tokens.index(self.eot_token_id)]
+                    tokens = until_eos(out.generated[row].tolist(), self.eot_token_id)
                     self.generated_tokens += len(tokens)
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    for stop in until:
-                        if stop and stop in text:
-                            text = text[: text.index(stop)]
+                    text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from dlm.model.modeling import supports_output_mask
 from dlm.train.objectives import logits_of, subs_log_probs
+from dlm.utils import seed_of
 from dlm.train.objectives.exact_count import stratified_counts
 
 ESTIMATORS = ("exact_count", "one_over_t")
@@ -43,7 +44,7 @@ class Request:
 
 def request_seed(seed: int, req: Request) -> int:
     """A seed from ``seed`` and the request's tokens (tuples of ints hash the same in every process)."""
-    return hash((seed, tuple(req.context), tuple(req.target))) & 0x7FFF_FFFF_FFFF_FFFF
+    return seed_of(seed, tuple(req.context), tuple(req.target))
 
 
 def _rows_for(req: Request, mc_num: int, estimator: str, mask_id: int, generator: torch.Generator):

@@ -3,8 +3,7 @@ perplexity + unigram entropy of samples under an AR judge. See :mod:`dlm.eval.qu
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dlm.utils import torch_dtype, write_json
 
 
 def _load(path: str, device: str, dtype):
@@ -23,9 +22,10 @@ def main(args) -> int:
     from dlm.config import ConfigError
     from dlm.data import DataConfig, load_documents, pack, tokenize_texts
     from dlm.decode import build_decoder
+    from dlm.decode.stopping import until_eos
     from dlm.eval.quality import dataset_perplexity, generative_perplexity, is_causal, unigram_entropy
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model, tok, where = _load(args.checkpoint, args.device, dtype)
     record: dict = {"checkpoint": where}
     if args.judge is None and args.data is None:
@@ -93,9 +93,7 @@ def main(args) -> int:
                 raise ConfigError(str(exc)) from None
         else:
             out = decoder(model, prompt, generator=gen)
-        samples = []
-        for row in out.generated.tolist():
-            samples.append(row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
+        samples = [until_eos(row, tok.eos_token_id) for row in out.generated.tolist()]
         texts = tok.batch_decode(samples, skip_special_tokens=True)
         gppl = generative_perplexity(judge, judge_tok, texts, args.batch_size)
         entropy = unigram_entropy(samples)
@@ -130,8 +128,5 @@ def main(args) -> int:
             },
         }
     if args.output:
-        path = Path(args.output).expanduser()
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(path)
+        write_json(args.output, record)
     return 0

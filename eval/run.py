@@ -8,9 +8,10 @@ and the settings go to the terminal and, with ``--output``, to a JSON file.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+
+from dlm.utils import write_json
 
 MODEL_OPTIONS = (  # CLI option -> model_args key (None values are left out)
     "decoder",
@@ -77,6 +78,7 @@ def main(args) -> int:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
+    from dlm.cli import confidence_rule
     from dlm.config import ConfigError
     from dlm.eval.harness import DLMEvalModel
     from dlm.eval.tasks import materialize
@@ -87,10 +89,7 @@ def main(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     check_tasks(tasks, manager)
     kwargs = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
-    if args.threshold is not None and args.factor is not None:
-        raise ConfigError("give --threshold or --factor, not both")
-    if args.threshold is not None or args.factor is not None:
-        kwargs["rule"] = "threshold" if args.threshold is not None else "factor"
+    kwargs.update(confidence_rule(args))
     try:
         lm = DLMEvalModel(pretrained=args.checkpoint, **kwargs)
     except ValueError as exc:
@@ -121,7 +120,6 @@ def main(args) -> int:
     print(summary(lm, throughput))
     if args.output:
         path = Path(args.output).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "results": out["results"],
             "versions": out.get("versions"),
@@ -131,8 +129,6 @@ def main(args) -> int:
         }
         if args.log_samples:
             record["samples"] = out.get("samples")
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        tmp.replace(path)
+        write_json(path, record)
         print(f"wrote {path}")
     return 0

@@ -21,7 +21,6 @@ step curve (the best score reachable at a TPF of at least x), from TPF 1 to the 
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from dlm.config import ConfigError
+from dlm.utils import pyplot, save_figure, torch_dtype, write_json
 
 
 @dataclass
@@ -118,11 +118,7 @@ def run_setting(model, tok, task: str, examples, prompt, pad, settings: dict[str
 
 
 def plot(path: Path, results: list[Result], front: list[Result], chosen: Result, reference: Result, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter([r.tpf for r in results], [r.score for r in results], s=18, color="0.6", label="settings")
     # the front as the best score reachable at a TPF of at least x (the curve AUP integrates), from x = 1
@@ -137,10 +133,7 @@ def plot(path: Path, results: list[Result], front: list[Result], chosen: Result,
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(args) -> int:
@@ -154,7 +147,7 @@ def main(args) -> int:
     from dlm.loading import load
     from dlm.tasks import generate
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model, tok, path = load(args.checkpoint, dtype=dtype, device=args.device)
     if args.prompts < 1 or args.tolerance < 0:
         raise ConfigError(f"dlm tune: --prompts {args.prompts} must be >= 1 and --tolerance {args.tolerance} >= 0")
@@ -198,9 +191,7 @@ def main(args) -> int:
         "reference": vars(reference), "results": [vars(r) for r in results], "skipped": skipped,
         "pareto": [vars(r) for r in front], "aup": aup, "chosen": vars(chosen),
     }  # fmt: skip
-    tmp = out / "tune.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(out / "tune.json")
+    write_json(out / "tune.json", record)
     print(f"{'setting':58s} {'score':>6s} {'NFE':>7s} {'TPF':>6s} {'tok/s':>9s}")
     for r in [reference, *results]:
         print(f"{describe(r.settings):58s} {r.score:6.3f} {r.nfe:7.1f} {r.tpf:6.1f} {r.tokens_per_s:9.1f}")

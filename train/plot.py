@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dlm.utils import pyplot, save_figure
+
 
 def read_log(path: str | Path) -> list[dict]:
     with open(path) as fh:
@@ -12,11 +14,7 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def plot_curves(log_path: str | Path, png_path: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_ppl"]) for r in records if "val_ppl" in r]
@@ -38,6 +36,4 @@ def plot_curves(log_path: str | Path, png_path: str | Path, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return Path(png_path)
+    return save_figure(fig, png_path, dpi=110)

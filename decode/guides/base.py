@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from dlm.decode.blocks import Decoding
 from dlm.decode.output import model_logits
 from dlm.decode.sampling import uniforms
+from dlm.decode.stopping import until_eos
 
 
 class GuideError(ValueError):
@@ -135,9 +136,7 @@ class TextReward(Reward):
         eos = self.tokenizer.eos_token_id
         texts = []
         for row in gen_NG.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+            texts.append(self.tokenizer.decode(until_eos(row, eos), skip_special_tokens=True))
         rows = prompt_of_N.tolist()
         fields = {k: [v[i] for i in rows] for k, v in self.fields.items()}
         try:

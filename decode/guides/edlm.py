@@ -35,7 +35,7 @@ from dlm.decode.guides import GUIDES
 from dlm.decode.guides.base import GuidedOutput, GuideError, Values, as_reward, checked, draw, finish
 from dlm.decode.output import resolve_mask_token_id
 from dlm.decode.sampling import sample_categorical
-from dlm.model.modeling import is_shifted, next_token_logits
+from dlm.model.modeling import is_shifted, logits_of, next_token_logits
 
 
 class Energy:
@@ -79,7 +79,7 @@ class CausalEnergy(Energy):
                 if not self.dlm:  # left padding: positions from each row's first real token
                     kwargs["position_ids"] = (pad.long().cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=x, **kwargs)
-            logits = (logits.logits if hasattr(logits, "logits") else logits).float()
+            logits = logits_of(logits).float()
             logp = torch.log_softmax(next_token_logits(logits, is_shifted(self.model)), dim=-1)
             logp = logp.gather(-1, x[:, 1:, None]).squeeze(-1).double()  # [n, T-1]: token t given its prefix
             decoded = (canvas_NT[start : start + self.batch_size, prompt_length:] != self.mask_id).long().cumprod(dim=1)

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor
 
 from dlm.registry import Registry, close_matches
+from dlm.utils import DTYPE_NAMES, torch_dtype
 
 MASK_TOKEN = "<|mask|>"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConvertError(ValueError):
@@ -431,8 +431,8 @@ def convert(
         ) from None
     rows = max(fields["vocab_size"], -(-len(tok) // 64) * 64 if len(tok) > fields["vocab_size"] else 0)
     fields.update(vocab_size=rows, mask_token_id=mask_id)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ConvertError(f"--dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     try:
         dlm_config = DLMConfig(**{k: v for k, v in fields.items() if v is not None or k == "rope_config"})
     except ValueError as exc:
@@ -444,7 +444,7 @@ def convert(
         renamed.pop("lm_head.weight", None)
     check_keys({k: s for k, (s, _) in renamed.items()}, _expected_shapes(dlm_config), fam.name)
     first_dtype = _first_dtype(files[0])
-    target = DTYPES[dtype] if dtype else first_dtype
+    target = torch_dtype(dtype) if dtype else first_dtype
     dlm_config.dtype = str(target).removeprefix("torch.")
 
     out.parent.mkdir(parents=True, exist_ok=True)

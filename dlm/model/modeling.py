@@ -130,6 +130,12 @@ def flex_block_mask(mask: Tensor | None, is_causal: bool, q_len: int, kv_len: in
     )
 
 
+def logits_of(output) -> Tensor:
+    """The logits of a model's output: ``.logits`` of an HF-style output, or the output itself
+    (a model that returns its logits tensor)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside an engine's wrapper — DDP and DeepSpeed hold it as ``.module``,
     ``torch.compile`` as ``._orig_mod`` — which is where its config and capabilities are read:

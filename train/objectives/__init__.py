@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from dlm.model.modeling import is_shifted, next_token_logits  # noqa: F401  (re-exported for objectives)
+from dlm.model.modeling import is_shifted, logits_of, next_token_logits  # noqa: F401  (re-exported for objectives)
 from dlm.registry import Registry
 
 
@@ -66,10 +66,6 @@ def subs_log_probs(logits: Tensor, mask_token_id: int) -> Tensor:
     """SUBS zero-masking: the model never predicts the mask token; float32 log-softmax."""
     is_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_token_id
     return torch.log_softmax(logits.float().masked_fill(is_mask, float("-inf")), dim=-1)  # never in place
-
-
-def logits_of(output: Any) -> Tensor:
-    return output.logits if hasattr(output, "logits") else output
 
 
 def paired_logits_from(model: torch.nn.Module, seq_len: int, block_size: int, device) -> dict[str, Tensor]:

@@ -15,6 +15,8 @@ import re
 import statistics
 from pathlib import Path
 
+from dlm.utils import pyplot, save_figure
+
 
 def load_run(path: Path) -> dict:
     log = path / "log.jsonl"
@@ -64,11 +66,7 @@ def table(groups: dict[str, list[dict]]) -> str:
 
 
 def plot(groups: dict[str, list[dict]], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, runs in groups.items():
         steps = sorted(set.intersection(*(set(r["held"]) for r in runs)))
@@ -84,9 +82,7 @@ def plot(groups: dict[str, list[dict]], png: Path) -> None:
     ax.set_title("mean over seeds; band = min..max")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def main(runs: list[str], out: str | None) -> str:

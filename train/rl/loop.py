@@ -46,6 +46,7 @@ from dlm.config import ConfigError, to_dict
 from dlm.data import encode_prompts
 from dlm.decode import build_decoder
 from dlm.decode.blocks import block_causal_size
+from dlm.decode.stopping import until_eos
 from dlm.model.convert import is_hub_id
 from dlm.tasks import generate
 from dlm.train.checkpoint import expected_files, export_final, load_checkpoint, save_checkpoint
@@ -56,6 +57,7 @@ from dlm.train.rl.estimators import ESTIMATORS, Rollouts, Rows, build_rows, conc
 from dlm.train.rl.loss import NORMS, group_advantages, loss_count, policy_loss
 from dlm.train.rl.rewards import RewardError, combine, resolve
 from dlm.train.rundir import RunLock, identity
+from dlm.utils import pyplot, save_figure, seed_of, torch_dtype, write_json
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +176,7 @@ def make_decoder(settings: dict[str, Any], greedy: bool = False):
 def completions_of(tok, generated: torch.Tensor) -> tuple[list[str], list[int]]:
     texts, lengths = [], []
     for row in generated.tolist():
-        if tok.eos_token_id in row:
-            row = row[: row.index(tok.eos_token_id)]
+        row = until_eos(row, tok.eos_token_id)
         texts.append(tok.decode(row, skip_special_tokens=True))
         lengths.append(len(row))
     return texts, lengths
@@ -207,7 +208,7 @@ def held_out_reward(model, tok, cfg: RLRecipe, device, settings: dict[str, Any])
 
 def group_generator(*key: int) -> torch.Generator:
     """A generator seeded by integers only (their tuple hash is the same in every process)."""
-    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(seed_of(*key))
 
 
 def decode_groups(decoder, model, ids, pad, cfg: RLRecipe, step: int, first: int, n: int):
@@ -430,7 +431,7 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
     resume_from, _ = open_resume(acc, cfg, out, expected, global_batch)
     from dlm.loading import load as load_model
 
-    load = {"dtype": getattr(torch, cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
+    load = {"dtype": torch_dtype(cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
     model, tok, init = load_model(cfg.rl.init, **load)
     mask_id = cfg.rl.mask_token_id if cfg.rl.mask_token_id is not None else getattr(model.config, "mask_token_id", None)
     if mask_id is None:
@@ -631,7 +632,7 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
     held = [h["held_out_reward"] for h in history if "held_out_reward" in h]
     if acc.is_main_process:  # what `dlm rl-compare` tabulates (wall time of this invocation)
         summary = {"recipe": to_dict(cfg), "wall_seconds": round(time.time() - t0, 1), "resumed_at": start}
-        (out / "run.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_json(out / "run.json", summary, indent=1)
     acc.print(
         f"done in {time.time() - t0:.0f}s | held-out reward {held[0] if held else float('nan'):.4f} -> "
         f"{held[-1] if held else float('nan'):.4f} | model: {final}"
@@ -648,11 +649,7 @@ def export_lora(out: Path, model, tok):
 
 
 def plot_rewards(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     train = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
@@ -665,5 +662,4 @@ def plot_rewards(log_path: Path, png: Path) -> None:
     ax.set_ylabel("reward")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
