@@ -154,6 +154,28 @@ def test_autoregressive_decoder_on_causal_model():
     assert torch.equal(full[:, 2:-1].argmax(-1), out.tokens[:, 3:])
 
 
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("prompt_length", [0, 3])
+def test_the_ar_decoder_over_its_kv_cache_equals_recomputing_the_prefix(shift, prompt_length):
+    """The cached AR decoder (the prefix once, then one column per token) draws the tokens and
+    log-probs of re-running the whole prefix each step: greedy and sampled, left-padded rows,
+    logit-shifted models, no prompt."""
+    model = tiny_model(attention_mode="causal", logits_shift=shift).eval()
+    prompt = torch.randint(0, 63, (3, prompt_length))
+    pad = torch.ones(3, prompt_length, dtype=torch.long)
+    if prompt_length:
+        pad[1, :2] = 0  # row 1 is left-padded
+    for temperature in (0.0, 1.0):
+        outs = [
+            AutoregressiveDecoder(gen_length=7, temperature=temperature, use_cache=use_cache)(
+                model, prompt, attention_mask=pad, generator=torch.Generator().manual_seed(5)
+            )
+            for use_cache in (True, False)
+        ]
+        assert torch.equal(outs[0].tokens, outs[1].tokens)
+        torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5, rtol=0)
+
+
 def test_sampling_is_shift_invariant_at_any_logit_scale_and_reads_any_weight_layout():
     """Logits far from zero (an unnormalised head, ±1000) sample the tokens and log-probs of the
     same logits centred — the weights are exp(logit − max), never exp of a large number — and
