@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator
 from tqdm.auto import tqdm
 
 from dlm.data import left_pad
@@ -45,8 +46,9 @@ GENERAL = {
     "gen_length": "default generation length when a task gives no max_gen_toks",
     "mc_num": "Monte-Carlo samples per loglikelihood request",
     "estimator": "exact_count (stratified, default) or one_over_t",
-    "batch_size": "rows per forward pass",
-    "max_batch_size": "(accepted for lm-eval compatibility; batch_size is used)",
+    "batch_size": "rows per forward pass, or auto: the largest that fits the GPU, up to max_batch_size (CPU: 8)",
+    "max_batch_size": "upper bound of batch_size=auto (default 64)",
+    "add_special_tokens": "let the tokenizer add its special tokens (e.g. BOS) to every encoded text (default false)",
     "device": "cpu, cuda, cuda:N",
     "dtype": "float32, bfloat16 or float16",
     "max_length": "context window (default: the model's max_position_embeddings)",
@@ -109,7 +111,8 @@ class DLMEvalModel(TemplateLM):
         self.max_length = int(kwargs.get("max_length") or config.max_position_embeddings)
         self.mc_num = int(kwargs.get("mc_num", 128))
         self.estimator = str(kwargs.get("estimator", "exact_count"))
-        self.batch_size = int(kwargs.get("batch_size", 8) if str(kwargs.get("batch_size", 8)) != "auto" else 8)
+        self.add_special_tokens = str(kwargs.get("add_special_tokens", False)).lower() in ("true", "1", "yes")
+        self.batch_size = self._batch_size(str(kwargs.get("batch_size", 8)), int(kwargs.get("max_batch_size", 64)))
         self.greedy_check = str(kwargs.get("greedy_check", True)).lower() in ("true", "1", "yes")
         self.seed = int(kwargs.get("seed", 1234))
         self.gen_length = int(kwargs.get("gen_length", 256))
@@ -118,6 +121,19 @@ class DLMEvalModel(TemplateLM):
         self.warned_truncation = False
         self.generated_tokens = 0
         self.generation_seconds = 0.0
+
+    def _batch_size(self, value: str, max_batch: int) -> int:
+        """``batch_size`` from model_args: a number, or ``auto`` (``auto:N`` as lm-eval writes it):
+        on a GPU the largest batch of full-window rows a forward fits, at most ``max_batch``."""
+        if not value.startswith("auto"):
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"model_args batch_size={value!r}: give a positive integer or auto")
+            return int(value)
+        if max_batch < 1:
+            raise ValueError(f"model_args max_batch_size={max_batch} must be >= 1")
+        if not self.device_name.startswith("cuda"):
+            return min(8, max_batch)  # no memory to probe on the CPU: the fixed default
+        return auto_batch_size(self.model, self.max_length, self.mask_id, max_batch)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -168,8 +184,10 @@ class DLMEvalModel(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.path.replace("/", "__")
 
-    def tok_encode(self, string: str, **kwargs) -> list[int]:
-        return self.tokenizer(string, add_special_tokens=False)["input_ids"]
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids of ``string``; special tokens (BOS) only when lm-eval or model_args ask."""
+        add = self.add_special_tokens if add_special_tokens is None else bool(add_special_tokens)
+        return self.tokenizer(string, add_special_tokens=add)["input_ids"]
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:
@@ -204,7 +222,7 @@ class DLMEvalModel(TemplateLM):
                 context = context[len(context) - room :] if room > 0 else []
             reqs.append(Request(list(context), list(continuation)))
         bar = tqdm(total=len(reqs), desc="dlm loglikelihood", disable=disable_tqdm or self.rank != 0)
-        scores = elbo(self.model, reqs, self.mask_id, self.mc_num, self.batch_size, self.estimator, self.seed, bar)
+        scores = self._elbo_longest_first(reqs, bar)
         bar.close()
         greedy = self._greedy_flags(reqs) if self.greedy_check else [False] * len(reqs)
         out = []
@@ -212,6 +230,15 @@ class DLMEvalModel(TemplateLM):
             out.append((value, g))
             self.cache_hook.add_partial("loglikelihood", cache_key, (value, g))
         return out
+
+    def _elbo_longest_first(self, reqs: list[Request], bar) -> list[tuple[float, float]]:
+        """``elbo`` of every request, scored longest first (lm-eval's ``Collator``) so rows of a batch
+        are of similar length; each request's masks are seeded by its own tokens, so the order
+        changes the padding, not the estimates."""
+        collator = Collator(reqs, sort_fn=lambda r: -(len(r.context) + len(r.target)))
+        ordered = next(collator.get_batched(n=0), [])
+        scores = elbo(self.model, ordered, self.mask_id, self.mc_num, self.batch_size, self.estimator, self.seed, bar)
+        return collator.get_original(scores)
 
     @torch.no_grad()
     def _greedy_flags(self, reqs: list[Request]) -> list[bool]:
@@ -246,7 +273,7 @@ class DLMEvalModel(TemplateLM):
                 windows.append(Request(context, target))
                 owners.append(i)
         bar = tqdm(total=len(windows), desc="dlm loglikelihood_rolling", disable=disable_tqdm or self.rank != 0)
-        scores = elbo(self.model, windows, self.mask_id, self.mc_num, self.batch_size, self.estimator, self.seed, bar)
+        scores = self._elbo_longest_first(windows, bar)
         bar.close()
         totals = [0.0] * len(requests)
         for owner, (value, _se) in zip(owners, scores):
@@ -255,78 +282,107 @@ class DLMEvalModel(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        results: list[str | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        """Batches of requests with the same generation settings, longest prompt first (lm-eval's
+        ``Collator``), each decoded, cut at its first EOS and at the task's stop sequences."""
+        collator = Collator(
+            [req.args for req in requests],
+            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            group_fn=lambda args: args[1],
+            group_by="gen_kwargs",
+        )
         bar = tqdm(total=len(requests), desc="dlm generate_until", disable=disable_tqdm or self.rank != 0)
         gen = torch.Generator().manual_seed(self.seed)
-        for indices in groups.values():
-            kwargs = dict(requests[indices[0]].args[1])
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_gen = int(kwargs.pop("max_gen_toks", self.gen_length))
-            settings = dict(self.decoder_settings)
-            # lm-eval generates greedily unless a task asks for sampling; model_args override both
-            sample = bool(kwargs.pop("do_sample", False))
-            task_temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
-            if "temperature" not in self.decoder_settings:
-                settings["temperature"] = task_temperature if sample else 0.0
-            block = int(settings.get("block_length") or max_gen)
-            length = -(-max_gen // block) * block
-            if "steps" in decoder_keys(self.decoder):
-                settings["steps"] = length  # one token per step unless a steps-per-token ratio was given
-                if "steps" in self.decoder_settings:
-                    ratio = int(self.decoder_settings["steps"]) / self.gen_length
-                    settings["steps"] = max(length // block, round(ratio * length))
-            decoder = build_decoder(self.decoder, gen_length=length, **{**settings, "block_length": block})
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                texts = [requests[i].args[0] for i in chunk]
-                encoded = [self.tok_encode(t) or [self.eot_token_id] for t in texts]
-                room = self.max_length - length
-                if room <= 0:
-                    raise ValueError(
-                        f"max_gen_toks={max_gen} (rounded to {length}) leaves no room for a prompt in the model's "
-                        f"window of {self.max_length}; lower max_gen_toks or gen_length"
-                    )
-                if any(len(e) > room for e in encoded):
-                    self._warn_truncation("a generation prompt plus max_gen_toks is")
-                    encoded = [e[-room:] for e in encoded]
-                ids, pad = self._left_pad(encoded)
-                t0 = time.perf_counter()
-                out = decoder(self.model, ids, attention_mask=pad, generator=gen)
-                self.generation_seconds += time.perf_counter() - t0
-                for row, i in enumerate(chunk):
-                    tokens = until_eos(out.generated[row].tolist(), self.eot_token_id)
-                    self.generated_tokens += len(tokens)
-                    text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                bar.update(len(chunk))
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            decoder, until, length = self._decoder_for(dict(chunk[0][1]))
+            ids, pad = self._left_pad(self._prompts([text for text, _ in chunk], length))
+            t0 = time.perf_counter()
+            out = decoder(self.model, ids, attention_mask=pad, generator=gen)
+            self.generation_seconds += time.perf_counter() - t0
+            for row, args in enumerate(chunk):
+                tokens = until_eos(out.generated[row].tolist(), self.eot_token_id)
+                self.generated_tokens += len(tokens)
+                text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", args, text)
+            bar.update(len(chunk))
         bar.close()
-        return [r if r is not None else "" for r in results]
+        return collator.get_original(results)
+
+    def _decoder_for(self, kwargs: dict) -> tuple[Any, list[str], int]:
+        """The decoder for a task's generation settings, its stop sequences and its length
+        (``max_gen_toks`` rounded up to whole blocks). lm-eval generates greedily unless the task
+        sets ``do_sample``; a task's ``top_k`` / ``top_p`` are honoured; model_args win over both."""
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_gen = int(kwargs.pop("max_gen_toks", self.gen_length))
+        settings = dict(self.decoder_settings)
+        sample = bool(kwargs.pop("do_sample", False))
+        task_temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
+        settings.setdefault("temperature", task_temperature if sample else 0.0)
+        keys = decoder_keys(self.decoder)
+        for name in ("top_k", "top_p"):
+            value = kwargs.pop(name, None)
+            if value is not None and name in keys and name not in self.decoder_settings:
+                settings[name] = int(value) if name == "top_k" else float(value)
+        if kwargs and not getattr(self, "_warned_kwargs", False):
+            log.warning("dlm generate_until ignores these generation settings of the task: %s", ", ".join(kwargs))
+            self._warned_kwargs = True
+        block = int(settings.get("block_length") or max_gen)
+        length = -(-max_gen // block) * block
+        if length >= self.max_length:
+            raise ValueError(
+                f"max_gen_toks={max_gen} (rounded to {length}) leaves no room for a prompt in the model's "
+                f"window of {self.max_length}; lower max_gen_toks or gen_length"
+            )
+        if "steps" in keys:
+            settings["steps"] = length  # one token per step unless a steps-per-token ratio was given
+            if "steps" in self.decoder_settings:
+                ratio = int(self.decoder_settings["steps"]) / self.gen_length
+                settings["steps"] = max(length // block, round(ratio * length))
+        decoder = build_decoder(self.decoder, gen_length=length, **{**settings, "block_length": block})
+        return decoder, until, length
+
+    def _prompts(self, texts: list[str], length: int) -> list[list[int]]:
+        """Encoded prompts, each cut to the window that ``length`` generated tokens leave."""
+        encoded = [self.tok_encode(t) or [self.eot_token_id] for t in texts]
+        room = self.max_length - length
+        if any(len(e) > room for e in encoded):
+            self._warn_truncation("a generation prompt plus max_gen_toks is")
+            encoded = [e[-room:] for e in encoded]
+        return encoded
+
+
+@torch.no_grad()
+def auto_batch_size(model, max_length: int, mask_id: int, max_batch: int) -> int:
+    """The largest batch of ``max_length``-token rows (every one masked, the costliest input) that
+    one forward fits in memory, at most ``max_batch``: accelerate's ``find_executable_batch_size``
+    retries at a smaller size after each out-of-memory error."""
+    from accelerate.utils import find_executable_batch_size
+
+    device = next(model.parameters()).device
+
+    @find_executable_batch_size(starting_batch_size=max_batch)
+    def probe(batch_size: int) -> int:
+        model(input_ids=torch.full((batch_size, max_length), mask_id, dtype=torch.long, device=device))
+        return batch_size
+
+    chosen = probe()
+    log.info("batch_size=auto: %d rows of %d tokens per forward", chosen, max_length)
+    return chosen
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """lm-eval's rolling windows: ``(context, target)`` pairs, every token a target exactly once,
-    each window ``<= max_length`` tokens with as much preceding context as fits (the first
-    window's context is the prefix token)."""
+    """lm-eval's rolling windows (``get_rolling_token_windows`` + ``make_disjoint_window``) as
+    ``(context, target)`` pairs a diffusion model scores whole: every token a target exactly once,
+    each pair ``<= max_length`` tokens with as much preceding context as fits (the first window's
+    context is the prefix token)."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     if max_length < 2:
         raise ValueError(f"max_length={max_length} is too small for rolling windows")
-    out = []
-    seq = [prefix] + tokens
-    pos = 0  # tokens[:pos] are scored
-    first = True
-    while pos < len(tokens):
-        if first:
-            n = min(max_length - 1, len(tokens))
-            out.append(([prefix], tokens[:n]))
-            first = False
-        else:
-            n = min(max_length - 1, len(tokens) - pos)
-            window_end = pos + 1 + n  # in seq coordinates, exclusive
-            window_start = max(0, window_end - max_length)
-            out.append((seq[window_start : pos + 1], tokens[pos : pos + n]))
-        pos += n
-    return out
+    # an AR window of n inputs scores n tokens; fed whole (context ⊕ target) it is one token longer
+    windows = get_rolling_token_windows(
+        token_list=tokens, prefix_token=prefix, max_seq_len=max_length - 1, context_len=1
+    )
+    return [(list(context), list(target)) for context, target in map(make_disjoint_window, windows)]

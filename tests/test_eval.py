@@ -117,6 +117,71 @@ def test_generate_until_is_greedy_unless_the_task_samples(trained):
     assert default == greedy
 
 
+def test_generate_until_orders_longest_first_and_returns_in_request_order(trained):
+    """Requests with mixed settings and prompt lengths come back in the order asked, each equal to
+    decoding it alone (greedy)."""
+    lm = DLMEvalModel(pretrained=trained, batch_size=3, block_length=4)
+    asks = [
+        _Inst("the", {"max_gen_toks": 4, "until": []}),
+        _Inst("the model masks tokens and", {"max_gen_toks": 8, "until": []}),
+        _Inst("the model masks", {"max_gen_toks": 4, "until": []}),
+        _Inst("diffusion runs backwards over time", {"max_gen_toks": 4, "until": []}),
+    ]
+    together = lm.generate_until(asks)
+    alone = [lm.generate_until([a])[0] for a in asks]
+    assert together == alone
+
+
+def test_a_tasks_top_k_and_top_p_reach_the_decoder_and_model_args_win(trained):
+    lm = DLMEvalModel(pretrained=trained, block_length=4)
+    decoder, until, length = lm._decoder_for({"max_gen_toks": 6, "until": "\n", "top_k": 5, "top_p": 0.9})
+    assert (decoder.top_k, decoder.top_p, until, length) == (5, 0.9, ["\n"], 8)
+    lm = DLMEvalModel(pretrained=trained, block_length=4, top_k=2)
+    assert lm._decoder_for({"max_gen_toks": 4, "top_k": 5})[0].top_k == 2
+
+
+def test_tok_encode_adds_special_tokens_when_asked(trained):
+    """lm-eval's add_special_tokens, else model_args' (default off), reaches the tokenizer."""
+
+    class WithBos:  # a tokenizer that prepends BOS (id 99) when asked
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [99] * add_special_tokens + [len(w) for w in text.split()]}
+
+    plain, with_bos = DLMEvalModel(pretrained=trained), DLMEvalModel(pretrained=trained, add_special_tokens="true")
+    plain.tokenizer = with_bos.tokenizer = WithBos()
+    assert plain.tok_encode("the model") == [3, 5]
+    assert plain.tok_encode("the model", add_special_tokens=True) == [99, 3, 5]
+    assert with_bos.tok_encode("the model") == [99, 3, 5]
+    assert with_bos.tok_encode("the model", add_special_tokens=False) == [3, 5]
+
+
+def test_batch_size_auto_takes_the_largest_batch_that_fits(trained, monkeypatch):
+    """On a GPU, auto probes full-window forwards from max_batch_size down past each out-of-memory
+    error (simulated here: the model refuses batches above 12); on the CPU it is the fixed 8."""
+    from dlm.eval.harness import auto_batch_size
+
+    lm = DLMEvalModel(pretrained=trained, batch_size="auto")
+    assert lm.batch_size == 8
+    assert DLMEvalModel(pretrained=trained, batch_size="auto", max_batch_size=4).batch_size == 4
+    tried = []
+
+    class Tight(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            tried.append(input_ids.shape[0])
+            if input_ids.shape[0] > 12:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.inner(input_ids=input_ids)
+
+    chosen = auto_batch_size(Tight(lm.model), 16, lm.mask_id, 64)
+    assert chosen <= 12 and chosen == tried[-1] and all(t > 12 for t in tried[:-1]) and tried[0] == 64
+    with pytest.raises(ValueError, match="batch_size='many'"):
+        DLMEvalModel(pretrained=trained, batch_size="many")
+
+
 def test_dlm_eval_command_writes_scores_and_throughput(trained, tmp_path, capsys, monkeypatch):
     import json
 
