@@ -18,42 +18,28 @@ absolute paths next to their data. Tasks:
 
 from __future__ import annotations
 
-import json
 import random
+import shutil
 import string
 from pathlib import Path
 
+import yaml
+
 from dlm.data import stdlib_files
 from dlm.tasks import generate
+from dlm.utils import write_atomic
 
 COUNT = 200
-
-UTILS = '''"""Scorers for dlm's local lm-eval tasks (written by dlm.eval.tasks.materialize)."""
-
-from dlm.tasks import score
-
-
-def repeat_results(doc, results):
-    completion = results[0]
-    return {
-        "exact_match": float(completion.split() == doc["response"].split()),
-        "letter_accuracy": score("repeat", doc, completion),
-    }
-'''
+FEWSHOT = 16  # few-shot examples per task, drawn apart from the held-out ones
+FEWSHOT_SEED = 1000
+METRIC = {"aggregation": "mean", "higher_is_better": True}
+SCORERS = Path(__file__).with_name("dlm_task_utils.py")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    import json
 
-
-def _yaml(path: Path, text: str) -> None:
-    path.write_text(text.strip() + "\n")
-
-
-FEWSHOT = 16  # few-shot examples per task, drawn apart from the held-out ones
-FEWSHOT_SEED = 1000
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _unseen(shots: list[dict], held_out: list[dict], key: str) -> list[dict]:
@@ -83,6 +69,65 @@ def _sums(count: int, rng: random.Random) -> list[dict]:
     return out
 
 
+def _stdlib_texts(seed: int) -> list[dict]:
+    files = stdlib_files("**/*.py")
+    picked = random.Random(f"ppl:{seed}").sample(files, min(24, len(files)))
+    texts = (Path(f).read_text(encoding="utf-8", errors="replace")[:4000] for f in picked)
+    return [{"text": t} for t in texts if t.strip()]
+
+
+def _task_specs(count: int, seed: int, period: int, repeats: int) -> dict[str, tuple[list, list | None, dict]]:
+    """Each task: its held-out rows, its few-shot rows (or None) and the fields of its YAML."""
+    repeat = generate("repeat", count, seed=seed, period=period, repeats=repeats)
+    repeat_shots = generate("repeat", FEWSHOT, seed=seed + FEWSHOT_SEED, period=period, repeats=repeats)
+    mc = _repeat_choices(count, seed + 1, random.Random(f"repeat_mc:{seed}"))
+    mc_shots = _repeat_choices(FEWSHOT, seed + 1 + FEWSHOT_SEED, random.Random(f"repeat_mc_fewshot:{seed}"))
+    arith = _sums(count, random.Random(f"arithmetic:{seed}"))
+    arith_shots = _sums(FEWSHOT * 2, random.Random(f"arithmetic_fewshot:{seed}"))
+    return {
+        "repeat": (repeat, _unseen(repeat_shots, repeat, "prompt"), {
+            "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{response}}",
+            "generation_kwargs": {"until": [], "max_gen_toks": period * repeats, "do_sample": False},
+            "process_results": "dlm_task_utils.repeat_results",
+            "metric_list": [{"metric": "exact_match", **METRIC}, {"metric": "letter_accuracy", **METRIC}],
+        }),
+        "repeat_mc": (mc, _unseen(mc_shots, mc, "prompt"), {
+            "output_type": "multiple_choice", "doc_to_text": "{{prompt}} .", "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc", **METRIC}],
+        }),
+        "arithmetic": (arith, _unseen(arith_shots, arith, "question")[:FEWSHOT], {
+            "output_type": "generate_until", "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}",
+            "generation_kwargs": {"until": ["\n", " ="], "max_gen_toks": 8, "do_sample": False},
+            "filter_list": [{"name": "number", "filter": [
+                {"function": "regex", "regex_pattern": "(-?[0-9]+)"}, {"function": "take_first"}]}],
+            "metric_list": [{"metric": "exact_match", **METRIC}],
+        }),
+        "stdlib_ppl": (_stdlib_texts(seed), None, {
+            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+        }),
+    }  # fmt: skip
+
+
+def task_yaml(name: str, files: dict[str, Path], fields: dict) -> str:
+    """An lm-eval task YAML reading local JSONL ``files`` (split -> path, absolute: lm-eval reads
+    ``data_files`` relative to its working directory). ``process_results`` names a function of
+    ``dlm_task_utils`` (YAML's ``!function`` tag, which a plain dump cannot write)."""
+    fields = dict(fields)
+    scorer = fields.pop("process_results", None)
+    task = {
+        "task": f"dlm_{name}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {split: str(path) for split, path in files.items()}},
+        "test_split": "test",
+        **({"fewshot_split": "fewshot"} if "fewshot" in files else {}),
+        **fields,
+        "metadata": {"version": 1.0},
+    }
+    text = yaml.safe_dump(task, sort_keys=False, width=1000)
+    return text + (f"process_results: !function {scorer}\n" if scorer else "")
+
+
 def materialize(
     root: str | Path, count: int = COUNT, seed: int = 1, repeat_period: int = 16, repeat_count: int = 16
 ) -> Path:
@@ -91,135 +136,12 @@ def materialize(
     Held-out examples use ``seed=1``; ``recipes/repeat-task.yaml`` trains on ``seed=0``."""
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-
-    rows = generate("repeat", count, seed=seed, period=repeat_period, repeats=repeat_count)
-    _write_jsonl(root / "repeat.jsonl", rows)
-    shots = generate("repeat", FEWSHOT, seed=seed + FEWSHOT_SEED, period=repeat_period, repeats=repeat_count)
-    _write_jsonl(root / "repeat_fewshot.jsonl", _unseen(shots, rows, "prompt"))
-    (root / "dlm_task_utils.py").write_text(UTILS)
-    _yaml(
-        root / "dlm_repeat.yaml",
-        f"""
-task: dlm_repeat
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / "repeat.jsonl"}
-    fewshot: {root / "repeat_fewshot.jsonl"}
-test_split: test
-fewshot_split: fewshot
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{response}}}}"
-generation_kwargs:
-  until: []
-  max_gen_toks: {repeat_period * repeat_count}
-  do_sample: false
-process_results: !function dlm_task_utils.repeat_results
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-  - metric: letter_accuracy
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""",
-    )
-
-    mc = _repeat_choices(count, seed + 1, random.Random(f"repeat_mc:{seed}"))
-    _write_jsonl(root / "repeat_mc.jsonl", mc)
-    shots = _repeat_choices(FEWSHOT, seed + 1 + FEWSHOT_SEED, random.Random(f"repeat_mc_fewshot:{seed}"))
-    _write_jsonl(root / "repeat_mc_fewshot.jsonl", _unseen(shots, mc, "prompt"))
-    _yaml(
-        root / "dlm_repeat_mc.yaml",
-        f"""
-task: dlm_repeat_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / "repeat_mc.jsonl"}
-    fewshot: {root / "repeat_mc_fewshot.jsonl"}
-test_split: test
-fewshot_split: fewshot
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}} ."
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""",
-    )
-
-    arith = _sums(count, random.Random(f"arithmetic:{seed}"))
-    _write_jsonl(root / "arithmetic.jsonl", arith)
-    shots = _sums(FEWSHOT * 2, random.Random(f"arithmetic_fewshot:{seed}"))
-    _write_jsonl(root / "arithmetic_fewshot.jsonl", _unseen(shots, arith, "question")[:FEWSHOT])
-    _yaml(
-        root / "dlm_arithmetic.yaml",
-        f"""
-task: dlm_arithmetic
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / "arithmetic.jsonl"}
-    fewshot: {root / "arithmetic_fewshot.jsonl"}
-test_split: test
-fewshot_split: fewshot
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n", " ="]
-  max_gen_toks: 8
-  do_sample: false
-filter_list:
-  - name: number
-    filter:
-      - function: regex
-        regex_pattern: "(-?[0-9]+)"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""",
-    )
-
-    files = stdlib_files("**/*.py")
-    picked = random.Random(f"ppl:{seed}").sample(files, min(24, len(files)))
-    texts = []
-    for f in picked:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")[:4000]
-        if text.strip():
-            texts.append({"text": text})
-    _write_jsonl(root / "stdlib_ppl.jsonl", texts)
-    _yaml(
-        root / "dlm_stdlib_ppl.yaml",
-        f"""
-task: dlm_stdlib_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / "stdlib_ppl.jsonl"}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-metadata:
-  version: 1.0
-""",
-    )
+    shutil.copyfile(SCORERS, root / SCORERS.name)
+    for name, (rows, shots, fields) in _task_specs(count, seed, repeat_period, repeat_count).items():
+        files = {"test": root / f"{name}.jsonl"}
+        _write_jsonl(files["test"], rows)
+        if shots is not None:
+            files["fewshot"] = root / f"{name}_fewshot.jsonl"
+            _write_jsonl(files["fewshot"], shots)
+        write_atomic(root / f"dlm_{name}.yaml", task_yaml(name, files, fields))
     return root
-
