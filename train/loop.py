@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from dlm.config import ConfigError, to_dict
-from dlm.data import build_data
+from dlm.data import DataBundle, build_data
 from dlm.model.build import build_model, init_checkpoint
 from dlm.train.checkpoint import expected_files, export_final, list_checkpoints, load_checkpoint, save_checkpoint
 from dlm.train.config import RecipeConfig
@@ -327,23 +327,114 @@ def main(cfg: RecipeConfig) -> TrainResult:
             lock.release()
 
 
-def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) -> TrainResult:
-    world = accelerator.num_processes
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    sharded = engine_name(accelerator) if is_sharded(accelerator) else None
-    expected = expected_files(cfg.train.ema_decay > 0, sharded=sharded, world=world)
-    resume_from, resumed_state = open_resume(accelerator, cfg, out, expected, global_batch)
-    if resume_from is not None:
-        if resumed_state["step"] == cfg.train.max_steps:
-            accelerator.print(
-                f"dlm train | {out} is already trained to step {resumed_state['step']} = train.max_steps "
-                f"(model: {out / 'final'}); raise train.max_steps to continue it"
-            )
-            bound = "perplexity" if resumed_state.get("objective") == "ar" else "nelbo"
-            return TrainResult(out, resumed_state["step"], resumed_state.get("val_ppl"), bound, None, time.time() - t0)
-    set_seed(cfg.seed)
+@dataclass
+class Run:
+    """What one training run holds while it runs: the prepared model and optimiser, the data, the
+    objective, and where it logs and checkpoints."""
 
-    # --- data and tokenizer: the main process trains/loads the tokenizer, the others reuse it
+    cfg: RecipeConfig
+    accelerator: Accelerator
+    out: Path
+    data: DataBundle
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
+    global_batch: int
+    last_good: Path | None = None  # the newest checkpoint written (or resumed from)
+    val_ppl: float | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    @property
+    def tok(self):
+        return self.data.tokenizer
+
+    def write_log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def validate(self, step: int) -> float:
+        """The validation bound (with the EMA weights swapped in when there are some), logged."""
+        model = self.accelerator.unwrap_model(self.model)
+        with self.ema.swapped_in(model) if self.ema is not None else nullcontext():
+            self.val_ppl = evaluate(
+                self.model,
+                self.objective,
+                self.data.val,
+                self.cfg.train.eval_batch_size,
+                self.cfg.seed,
+                self.accelerator,
+            )
+        self.write_log({"step": step, "val_ppl": self.val_ppl, "bound": self.objective.bound})
+        return self.val_ppl
+
+    def save(self, step: int) -> Path:
+        state = {
+            "objective": self.objective.name,
+            "seed": self.cfg.seed,
+            "global_batch": self.global_batch,
+            "data_position": step,
+            "identity": identity(self.cfg, self.global_batch, engine_name(self.accelerator)),
+            "val_ppl": self.val_ppl,
+        }
+        self.last_good = save_checkpoint(
+            self.accelerator, self.out, step, self.model, self.tok, self.optimizer, self.scheduler, self.ema,
+            state, self.cfg.train.keep_checkpoints,
+        )  # fmt: skip
+        return self.last_good
+
+
+def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) -> TrainResult:
+    """Setup (data, model, optimiser, resume) → the step loop → export."""
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
+    sharded = engine_name(accelerator) if is_sharded(accelerator) else None
+    expected = expected_files(cfg.train.ema_decay > 0, sharded=sharded, world=accelerator.num_processes)
+    resume_from, resumed_state = open_resume(accelerator, cfg, out, expected, global_batch)
+    if resume_from is not None and resumed_state["step"] == cfg.train.max_steps:
+        accelerator.print(
+            f"dlm train | {out} is already trained to step {resumed_state['step']} = train.max_steps "
+            f"(model: {out / 'final'}); raise train.max_steps to continue it"
+        )
+        bound = "perplexity" if resumed_state.get("objective") == "ar" else "nelbo"
+        return TrainResult(out, resumed_state["step"], resumed_state.get("val_ppl"), bound, None, time.time() - t0)
+    set_seed(cfg.seed)
+    data = _load_data(cfg, accelerator, out, resume_from)
+    model, objective = _build_model_and_objective(cfg, data.tokenizer)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # built after prepare: the shadow lives where the (possibly sharded) parameters now are
+    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    run = Run(cfg, accelerator, out, data, model, objective, optimizer, scheduler, ema, global_batch)
+    start_step = _resume_or_start(run, resume_from)
+    _announce(run)
+    losses = _loop(run, start_step)
+    final_step = max(cfg.train.max_steps, start_step)
+    if run.val_ppl is None:  # resumed at or past max_steps: nothing ran
+        run.validate(final_step)
+    samples, unwrapped = _export(run)
+    wall = time.time() - t0
+    accelerator.print(
+        f"done in {wall:.0f}s | validation {bound_label(objective.bound)} {run.val_ppl:.2f} | unigram perplexity "
+        f"{data.stats.get('unigram_ppl', float('nan')):.2f} | model: {out / 'final'}"
+    )
+    return TrainResult(
+        out, final_step, run.val_ppl, objective.bound, data.stats.get("unigram_ppl"), wall, losses, samples, unwrapped
+    )
+
+
+def _load_data(cfg: RecipeConfig, accelerator: Accelerator, out: Path, resume_from: Path | None) -> DataBundle:
+    """Rows and tokenizer: the main process trains (or loads) the tokenizer, the others reuse it."""
     tok_dir = out / "tokenizer"
     with accelerator.main_process_first():
         # model.init_from of another family is converted once, by the main process first (others reuse it)
@@ -358,9 +449,11 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
         data = build_data(cfg.data, cfg.tokenizer, cfg.seed, tokenizer=tokenizer)
         if accelerator.is_main_process and resume_from is None:
             data.tokenizer.save_pretrained(tok_dir)
-    tok = data.tokenizer
+    return data
 
-    # --- model, objective, optimiser
+
+def _build_model_and_objective(cfg: RecipeConfig, tok) -> tuple[torch.nn.Module, Objective]:
+    """The model (configured to decode with the attention its objective trains) and the objective."""
     model = build_model(
         cfg.model, len(tok), tok.mask_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
@@ -369,208 +462,164 @@ def _train(cfg: RecipeConfig, accelerator: Accelerator, out: Path, t0: float) ->
             f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
             f"{model.config.max_position_embeddings}; lower data.seq_len or use a longer-context model"
         )
+    d = cfg.diffusion
     objective = build_objective(
-        cfg.objective,
-        mask_token_id=tok.mask_token_id,
-        schedule=cfg.diffusion.schedule,
-        schedule_args=dict(cfg.diffusion.schedule_args),
-        t_eps=cfg.diffusion.t_eps,
-        antithetic=cfg.diffusion.antithetic,
-        block_size=cfg.diffusion.block_size,
-        clip_low=cfg.diffusion.clip_low,
-        clip_high=cfg.diffusion.clip_high,
-    )
-    # the exported model decodes with the attention it was trained for
+        cfg.objective, mask_token_id=tok.mask_token_id, schedule=d.schedule, schedule_args=dict(d.schedule_args),
+        t_eps=d.t_eps, antithetic=d.antithetic, block_size=d.block_size, clip_low=d.clip_low, clip_high=d.clip_high,
+    )  # fmt: skip
     mode, block = getattr(objective, "attention", ("bidirectional", None))
     if model.config.attention_mode == "causal" and mode != "causal" and not model.config.logits_shift:
         # A2D: an AR checkpoint's head predicts token i + 1 from hidden state i; the adapted model keeps that
         model.config.logits_shift = True
     model.config.attention_mode, model.config.block_size = mode, block
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    return model, objective
+
+
+def _resume_or_start(run: Run, resume_from: Path | None) -> int:
+    """The step to start from: a checkpoint's (its state loaded, the log trimmed to it), or 0."""
+    acc = run.accelerator
+    if resume_from is None:
+        if acc.is_main_process and run.log_path.exists():
+            run.log_path.unlink()
+        return 0
+    state = load_checkpoint(acc, resume_from, run.model, run.optimizer, run.scheduler, run.ema)
+    run.last_good = resume_from
+    changed = apply_optim_settings(run.optimizer, run.scheduler, run.cfg.optim)
+    if acc.is_main_process:
+        trim_log(run.log_path, state["step"])
+    acc.print(
+        f"dlm train | resumed from {resume_from} at step {state['step']}"
+        + (f" ({', '.join(changed)})" if changed else "")
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    return state["step"]
+
+
+def _announce(run: Run) -> None:
+    cfg, acc, stats = run.cfg, run.accelerator, run.data.stats
+    acc.init_trackers("dlm", config={k: str(v) for k, v in to_dict(cfg).items()})
+    n_params = sum(p.numel() for p in acc.unwrap_model(run.model).parameters())
+    acc.print(
+        f"dlm train | objective={run.objective.name} params={n_params / 1e6:.2f}M vocab={len(run.tok)} "
+        f"seq_len={cfg.data.seq_len} global_batch={run.global_batch} ({acc.num_processes} process(es) x "
+        f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum) "
+        f"train_rows={int(stats.get('train_rows', 0)) or 'streamed'} "
+        f"unigram_ppl={stats.get('unigram_ppl', float('nan')):.2f}"
+        + (" tokens=cached" if stats.get("tokens_from_cache") else "")
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # built after prepare: the shadow lives where the (possibly sharded) parameters now are
-    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
-    start_step, last_good = 0, None
-    log_path = out / "log.jsonl"
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler, ema)
-        start_step, last_good = state["step"], resume_from
-        changed = apply_optim_settings(optimizer, scheduler, cfg.optim)
-        if accelerator.is_main_process:
-            trim_log(log_path, start_step)
-        accelerator.print(
-            f"dlm train | resumed from {resume_from} at step {start_step}"
-            + (f" ({', '.join(changed)})" if changed else "")
-        )
-    elif accelerator.is_main_process and log_path.exists():
-        log_path.unlink()
 
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    world, micro, accum = accelerator.num_processes, cfg.train.micro_batch_size, cfg.train.grad_accum
-    global_batch = micro * world * accum
-    seq_len = cfg.data.seq_len
-    accelerator.init_trackers("dlm", config={k: str(v) for k, v in to_dict(cfg).items()})
-    if accelerator.is_main_process:
-        accelerator.print(
-            f"dlm train | objective={objective.name} params={n_params / 1e6:.2f}M vocab={len(tok)} seq_len={seq_len} "
-            f"global_batch={global_batch} ({world} process(es) x {micro} x {accum} accum) "
-            f"train_rows={int(data.stats.get('train_rows', 0)) or 'streamed'} "
-            f"unigram_ppl={data.stats.get('unigram_ppl', float('nan')):.2f}"
-            + (" tokens=cached" if data.stats.get("tokens_from_cache") else "")
-        )
+def _step_loss(run: Run, step: int) -> float:
+    """Forward and backward of global batch ``step`` (this process's rows, in micro-batches): the
+    mean loss over the whole global batch, reduced across processes."""
+    cfg, acc = run.cfg, run.accelerator
+    micro, world = cfg.train.micro_batch_size, acc.num_processes
+    batch_global = run.data.train.global_batch(step, run.global_batch)
+    noise_global = run.objective.sample_noise((run.global_batch, cfg.data.seq_len), step_generator(cfg.seed, step))
+    total = torch.zeros((), device=acc.device, dtype=torch.float64)
+    count = torch.zeros((), device=acc.device, dtype=torch.float64)
+    for a in range(cfg.train.grad_accum):
+        rows = rank_rows(micro, a, world, acc.process_index)
+        batch = {k: v[rows].to(acc.device) for k, v in batch_global.items()}
+        noise = {k: v[rows] for k, v in noise_global.items()}
+        with acc.accumulate(run.model), acc.autocast():
+            res = run.objective.loss(run.model, batch, noise)
+            acc.backward(res.total / res.count)  # accelerate divides by grad_accum
+        total += res.total.detach().double()
+        count += res.count.detach().double()
+    return (acc.reduce(total, "sum") / acc.reduce(count, "sum")).item()
 
-    def write_log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def state_dict() -> dict:
-        return {
-            "objective": objective.name,
-            "seed": cfg.seed,
-            "global_batch": global_batch,
-            "data_position": step + 1,
-            "identity": identity(cfg, global_batch, engine_name(accelerator)),
-        }
+def _diverged(run: Run, outcome: str, loss: float, grad_norm: float, step: int) -> TrainingDivergedError:
+    last = run.last_good
+    keep = (
+        f"the last good checkpoint is {last} (step {int(str(last).rsplit('-', 1)[-1])})"
+        if last
+        else ("no checkpoint had been written yet")
+    )
+    return TrainingDivergedError(
+        f"{outcome} became {loss if outcome == 'loss' else grad_norm} at step {step + 1}; training "
+        f"stopped before applying that update, and {keep}. Lower optim.lr, raise optim.warmup_steps or use "
+        "train.mixed_precision=no, then resume (train.resume=auto)."
+    )
 
-    def validate(step_no: int) -> float:
-        ctx = ema.swapped_in(accelerator.unwrap_model(model)) if ema is not None else nullcontext()
-        with ctx:
-            ppl = evaluate(model, objective, data.val, cfg.train.eval_batch_size, cfg.seed, accelerator)
-        write_log({"step": step_no, "val_ppl": ppl, "bound": objective.bound})
-        return ppl
 
-    model.train()
+def _loop(run: Run, start_step: int) -> list[float]:
+    """Steps ``start_step .. max_steps``: update, log, validate, checkpoint; a stop request (Ctrl-C,
+    SIGTERM) on any process saves and stops every process at the same step. Returns the losses."""
+    cfg, acc = run.cfg, run.accelerator
+    run.model.train()
     losses: list[float] = []
-    val_ppl = None
     bar = tqdm(
-        total=cfg.train.max_steps,
-        initial=start_step,
-        disable=not accelerator.is_main_process,
-        desc=f"train {objective.name}",
-        dynamic_ncols=True,
-    )
-    tick, last_logged = time.time(), start_step
-    step = start_step
-    overflows = 0  # fp16 steps whose update the GradScaler skipped
+        total=cfg.train.max_steps, initial=start_step, disable=not acc.is_main_process,
+        desc=f"train {run.objective.name}", dynamic_ncols=True,
+    )  # fmt: skip
+    tick, last_logged, overflows = time.time(), start_step, 0  # overflows: fp16 steps the GradScaler skipped
     with StopRequest() as stop:
         for step in range(start_step, cfg.train.max_steps):
-            gen = step_generator(cfg.seed, step)
-            batch_global = data.train.global_batch(step, global_batch)
-            noise_global = objective.sample_noise((global_batch, seq_len), gen)
-            step_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            step_count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            for a in range(accum):
-                rows = rank_rows(micro, a, world, accelerator.process_index)
-                batch = {k: v[rows].to(accelerator.device) for k, v in batch_global.items()}
-                noise = {k: v[rows] for k, v in noise_global.items()}
-                with accelerator.accumulate(model), accelerator.autocast():
-                    res = objective.loss(model, batch, noise)
-                    accelerator.backward(res.total / res.count)  # accelerate divides by grad_accum
-                step_total += res.total.detach().double()
-                step_count += res.count.detach().double()
-            step_total = accelerator.reduce(step_total, "sum")
-            step_count = accelerator.reduce(step_count, "sum")
-            loss = (step_total / step_count).item()
-            outcome, grad_norm = apply_update(accelerator, model, optimizer, scheduler, loss, cfg.optim.grad_clip)
-            if outcome != "applied" and outcome != "overflow":
+            loss = _step_loss(run, step)
+            outcome, grad_norm = apply_update(acc, run.model, run.optimizer, run.scheduler, loss, cfg.optim.grad_clip)
+            if outcome not in ("applied", "overflow"):
                 bar.close()
-                accelerator.end_training()
-                keep = (
-                    f"the last good checkpoint is {last_good} (step {int(str(last_good).rsplit('-', 1)[-1])})"
-                    if last_good
-                    else "no checkpoint had been written yet"
-                )
-                raise TrainingDivergedError(
-                    f"{outcome} became {loss if outcome == 'loss' else grad_norm} at step {step + 1}; training "
-                    f"stopped before applying that update, and {keep}. Lower optim.lr, raise optim.warmup_steps or use "
-                    "train.mixed_precision=no, then resume (train.resume=auto)."
-                )
+                acc.end_training()
+                raise _diverged(run, outcome, loss, grad_norm, step)
             overflows += outcome == "overflow"
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
+            if run.ema is not None:
+                run.ema.update(acc.unwrap_model(run.model))
             losses.append(loss)
-            done = step + 1
+            done, last = step + 1, step + 1 == cfg.train.max_steps
             bar.update(1)
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-                elapsed = max(time.time() - tick, 1e-9)
-                steps_run, last_logged = done - last_logged, done
-                window = losses[-steps_run:]  # the mean over the logging window makes a readable curve
-                write_log(
+            if done % cfg.train.log_every == 0 or last:
+                elapsed, steps_run, last_logged = max(time.time() - tick, 1e-9), done - last_logged, done
+                mean = sum(losses[-steps_run:]) / steps_run  # the mean over the logging window: a readable curve
+                lr = run.scheduler.get_last_lr()[0]
+                tokens_per_s = steps_run * run.global_batch * cfg.data.seq_len / elapsed
+                extra = {"overflow_steps": overflows} if overflows else {}
+                run.write_log(
                     {
                         "step": done,
-                        "loss": sum(window) / len(window),
-                        "lr": scheduler.get_last_lr()[0],
+                        "loss": mean,
+                        "lr": lr,
                         "grad_norm": grad_norm,
-                        "tokens_per_s": steps_run * global_batch * seq_len / elapsed,
-                        **({"overflow_steps": overflows} if overflows else {}),
+                        "tokens_per_s": tokens_per_s,
+                        **extra,
                     }
                 )
-                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}")
                 tick = time.time()
-            if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
-                val_ppl = validate(done)
-                bar.write(f"step {done}: validation {bound_label(objective.bound)} {val_ppl:.2f}")
-            if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
-                last_good = save_checkpoint(
-                    accelerator,
-                    out,
-                    done,
-                    model,
-                    tok,
-                    optimizer,
-                    scheduler,
-                    ema,
-                    {**state_dict(), "val_ppl": val_ppl},
-                    cfg.train.keep_checkpoints,
-                )
-            if stop.requested or world > 1:  # every process stops at the same step
-                flag = torch.tensor(float(stop.requested), device=accelerator.device)
-                if float(accelerator.reduce(flag, "sum")) > 0:
+            if done % cfg.train.eval_every == 0 or last:
+                bar.write(f"step {done}: validation {bound_label(run.objective.bound)} {run.validate(done):.2f}")
+            if done % cfg.train.save_every == 0 or last:
+                run.save(done)
+            if stop.requested or acc.num_processes > 1:  # every process stops at the same step
+                if float(acc.reduce(torch.tensor(float(stop.requested), device=acc.device), "sum")) > 0:
                     bar.close()
-                    if last_good is None or last_good.name != f"checkpoint-{done}":
-                        last_good = save_checkpoint(
-                            accelerator, out, done, model, tok, optimizer, scheduler, ema,
-                            {**state_dict(), "val_ppl": val_ppl}, cfg.train.keep_checkpoints,
-                        )  # fmt: skip
-                    accelerator.end_training()
+                    if run.last_good is None or run.last_good.name != f"checkpoint-{done}":
+                        run.save(done)
+                    acc.end_training()
                     raise TrainingInterrupted(
-                        f"interrupted after step {done}: saved {last_good}; run the same command to continue"
+                        f"interrupted after step {done}: saved {run.last_good}; run the same command to continue"
                     )
     bar.close()
-    final_step = max(cfg.train.max_steps, start_step)
-    if val_ppl is None:  # resumed at or past max_steps: nothing ran
-        val_ppl = validate(final_step)
+    return losses
 
-    # --- export: the (EMA) model and tokenizer, atomically, then the plot and a few samples
-    samples: list[str] = []
-    unwrapped = accelerator.unwrap_model(model)
-    export_final(out / "final", model, tok, ema, accelerator)  # a sharded engine gathers on every process
-    if accelerator.is_main_process and cfg.train.plot and log_path.is_file():
+
+def _export(run: Run) -> tuple[list[str], torch.nn.Module]:
+    """The (EMA) model and tokenizer in ``final/``, atomically, then the curves and a few samples."""
+    cfg, acc = run.cfg, run.accelerator
+    unwrapped = acc.unwrap_model(run.model)
+    export_final(run.out / "final", run.model, run.tok, run.ema, acc)  # a sharded engine gathers on every process
+    if acc.is_main_process and cfg.train.plot and run.log_path.is_file():
         from dlm.train.plot import plot_curves
 
-        plot_curves(log_path, out / "curves.png", title=f"{objective.name} · {cfg.train.output_dir}")
-    if cfg.sample.num_samples > 0 and (accelerator.is_main_process or is_sharded(accelerator)):
-        samples = _samples(unwrapped, tok, cfg, objective.name, ema)  # sharded: every process decodes alike
+        plot_curves(run.log_path, run.out / "curves.png", title=f"{run.objective.name} · {cfg.train.output_dir}")
+    samples: list[str] = []
+    if cfg.sample.num_samples > 0 and (acc.is_main_process or is_sharded(acc)):
+        samples = _samples(unwrapped, run.tok, cfg, run.objective.name, run.ema)  # sharded: every process decodes alike
         for i, text in enumerate(samples):
-            accelerator.print(f"--- sample {i + 1} ---\n{text}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    wall = time.time() - t0
-    accelerator.print(
-        f"done in {wall:.0f}s | validation {bound_label(objective.bound)} {val_ppl:.2f} | unigram perplexity "
-        f"{data.stats.get('unigram_ppl', float('nan')):.2f} | model: {out / 'final'}"
-    )
-    return TrainResult(
-        out, final_step, val_ppl, objective.bound, data.stats.get("unigram_ppl"), wall, losses, samples, unwrapped
-    )
+            acc.print(f"--- sample {i + 1} ---\n{text}")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return samples, unwrapped
 
 
 def _samples(model, tok, cfg: RecipeConfig, objective: str, ema) -> list[str]:
