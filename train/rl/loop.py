@@ -424,11 +424,99 @@ def check_engine(acc: Accelerator) -> None:
         raise ConfigError("dlm rl shards with FSDP2 only: set fsdp_version: 2 (recipes/accelerate/fsdp2.yaml)")
 
 
+@dataclass
+class RLRun:
+    """What one RL run holds: the prepared policy (``model``) and its plain module (``plain``:
+    decoding and log-prob forwards), the frozen reference, the decoder and where it logs."""
+
+    cfg: RLRecipe
+    acc: Accelerator
+    out: Path
+    model: torch.nn.Module
+    plain: torch.nn.Module
+    ref: torch.nn.Module | None
+    tok: Any
+    init: Path
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    mask_id: int
+    decode_settings: dict[str, Any]
+    global_batch: int
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def sharded(self) -> str | None:
+        return engine_name(self.acc) if is_sharded(self.acc) else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    @property
+    def rollouts_path(self) -> Path:
+        return self.out / f"rollouts-{self.acc.process_index}.jsonl"
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        if self.acc.is_main_process:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def held_out(self) -> float:
+        with torch.no_grad(), gathered(self.plain, self.acc):  # every process decodes the same prompts
+            return held_out_reward(self.plain, self.tok, self.cfg, self.acc.device, self.decode_settings)
+
+
+@dataclass
+class StepRollouts:
+    """One step's rollouts on this process: its prompt groups, what was decoded and how it scored."""
+
+    examples: list[dict]  # one per row (each prompt repeated group_size times)
+    rollout: Any  # the DecodeOutput of the groups
+    texts: list[str]
+    lengths: list[int]
+    rewards: list[float]  # [N], as the rewards returned them
+    parts: dict[str, list[float]]  # each reward's share of ``rewards``
+    advantages: torch.Tensor  # [N]
+    zero_variance: torch.Tensor  # [N] rows of a group whose rewards are all equal
+    rows: Rollouts
+    trainable: torch.Tensor  # [N, T] positions the loss trains
+
+
 def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any]:
-    sharded = engine_name(acc) if is_sharded(acc) else None
-    expected = expected_files(False, lora=cfg.lora.enabled, sharded=sharded, world=acc.num_processes)
+    """Setup → rollouts, rewards and clipped updates step by step → export."""
+    expected = expected_files(False, lora=cfg.lora.enabled, sharded=engine_name(acc) if is_sharded(acc) else None,
+                              world=acc.num_processes)  # fmt: skip
     global_batch = cfg.rl.prompts_per_step * cfg.rl.group_size * acc.num_processes
     resume_from, _ = open_resume(acc, cfg, out, expected, global_batch)
+    run = _setup(cfg, acc, out, global_batch)
+    start = _resume_or_start(run, resume_from)
+    decoder = make_decoder(run.decode_settings)
+    if start == 0:
+        run.write({"step": 0, "held_out_reward": run.held_out()})
+    bar = tqdm(range(start, cfg.train.max_steps), desc="dlm rl", disable=not acc.is_main_process, initial=start)
+    for step in bar:
+        batch = _rollouts(run, decoder, step)
+        stats = _update(run, batch, step)
+        if cfg.rl.save_rollouts_every and (step + 1) % cfg.rl.save_rollouts_every == 0:
+            n, rank = cfg.rl.prompts_per_step, acc.process_index
+            save_rollouts(run.rollouts_path, step + 1, rank * n, batch.examples, batch.texts, batch.rollout,
+                          batch.rewards, batch.parts, cfg)  # fmt: skip
+        record = _step_record(run, batch, stats, step)
+        if (step + 1) % cfg.rl.eval_every == 0 or step + 1 == cfg.train.max_steps:
+            record["held_out_reward"] = run.held_out()
+        run.write(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        if (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
+            state = {"identity": identity(cfg, global_batch, engine_name(acc))}
+            save_checkpoint(acc, out, step + 1, run.model, run.tok, run.optimizer, run.scheduler, None, state,
+                            cfg.train.keep_checkpoints)  # fmt: skip
+    return _export(run, start, t0)
+
+
+def _setup(cfg: RLRecipe, acc: Accelerator, out: Path, global_batch: int) -> RLRun:
+    """The policy from ``rl.init`` (LoRA-wrapped, or beside a frozen reference when ``beta > 0``),
+    its optimiser and schedule, prepared for the engine."""
     from dlm.loading import load as load_model
 
     load = {"dtype": torch_dtype(cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
@@ -438,7 +526,6 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
         raise ConfigError(
             f"the model at {init} has no mask_token_id in its config; set rl.mask_token_id (LLaDA: 126336)"
         )
-    decode_settings = {"mask_token_id": mask_id, **cfg.decode}
     if cfg.rl.gradient_checkpointing:
         try:
             model.gradient_checkpointing_enable()
@@ -463,173 +550,156 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
     plain = acc.unwrap_model(model)  # FSDP2 shards in place: there the plain model is the sharded one
     if ref is not None:
         ref = shard_frozen(ref, acc)
+    decode_settings = {"mask_token_id": mask_id, **cfg.decode}
+    return RLRun(cfg, acc, out, model, plain, ref, tok, init, optimizer, scheduler, int(mask_id), decode_settings,
+                 global_batch)  # fmt: skip
+
+
+def _resume_or_start(run: RLRun, resume_from: Path | None) -> int:
+    """The step to start from; a resumed run rewrites what follows its checkpoint in the log and
+    in each process's rollouts file, a fresh run starts both anew."""
+    acc = run.acc
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        run.out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    world, rank = acc.num_processes, acc.process_index
-    log_path, rollouts_path = out / "log.jsonl", out / f"rollouts-{rank}.jsonl"
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(acc, resume_from, model, optimizer, scheduler, None)["step"]
-    # a resumed run rewrites what follows its checkpoint; a fresh run starts both files anew
-    for path in [rollouts_path] + ([log_path] if acc.is_main_process else []):  # each process: its rollouts
+        start = load_checkpoint(acc, resume_from, run.model, run.optimizer, run.scheduler, None)["step"]
+    for path in [run.rollouts_path] + ([run.log_path] if acc.is_main_process else []):
         if start:
             trim_log(path, start)
         else:
             path.unlink(missing_ok=True)
-    decoder = make_decoder(decode_settings)
-    history: list[dict] = []
+    return start
 
-    def write(record: dict) -> None:
-        history.append(record)
-        if acc.is_main_process:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
 
-    def held_out() -> float:
-        with torch.no_grad(), gathered(plain, acc):  # every process decodes the same prompts
-            return held_out_reward(plain, tok, cfg, acc.device, decode_settings)
+def _rollouts(run: RLRun, decoder, step: int) -> StepRollouts:
+    """This process's prompt groups of step ``step``, decoded (one generator per group: N processes
+    sample what one would), scored, and the group-relative advantages of their rewards."""
+    cfg, acc = run.cfg, run.acc
+    n, rank, G = cfg.rl.prompts_per_step, acc.process_index, cfg.rl.group_size
+    examples = generate(cfg.rl.task, n * acc.num_processes, seed=cfg.seed * 1_000_003 + step, **cfg.rl.task_args)
+    expanded = [e for e in examples[rank * n : (rank + 1) * n] for _ in range(G)]
+    prompts = [e["prompt"] for e in expanded]
+    ids, pad = (t.to(acc.device) for t in encode_prompts(run.tok, prompts, cfg.rl.system_prompt))
+    run.plain.eval()
+    # a sharded model is gathered first, as each process decodes its own prompts for as many steps as they take
+    with torch.no_grad(), gathered(run.plain, acc):
+        rollout = decode_groups(decoder, run.plain, ids, pad, cfg, step, rank * n, n)
+    texts, lengths = completions_of(run.tok, rollout.generated)
+    rewards, parts = combine(dict(cfg.rl.rewards), prompts, texts, **fields_of(expanded))
+    adv, zero = group_advantages(torch.tensor(rewards), torch.arange(n).repeat_interleave(G), cfg.rl.scale_std)
+    keep = ~zero if cfg.rl.drop_zero_variance else torch.ones_like(zero)
+    full_pad = torch.cat([pad, torch.ones_like(rollout.generated)], dim=1)
+    # rows rebuild the states the model saw: the decoded canvas, not the EOS-filled text view
+    r = Rollouts(rollout.canvas, rollout.step_map, rollout.prompt_length, full_pad)
+    trainable = r.trainable & keep[:, None].to(r.tokens.device)
+    if not cfg.rl.loss_after_eos:
+        trainable &= ~after_first_eos(r.tokens, r.prompt_length, run.tok.eos_token_id)
+    return StepRollouts(expanded, rollout, texts, lengths, rewards, parts, adv, zero, r, trainable)
 
-    if start == 0:
-        write({"step": 0, "held_out_reward": held_out()})
-    bar = tqdm(range(start, cfg.train.max_steps), desc="dlm rl", disable=not acc.is_main_process, initial=start)
-    for step in bar:
-        n = cfg.rl.prompts_per_step
-        examples = generate(cfg.rl.task, n * world, seed=cfg.seed * 1_000_003 + step, **cfg.rl.task_args)
-        mine = examples[rank * n : (rank + 1) * n]
-        expanded = [e for e in mine for _ in range(cfg.rl.group_size)]
-        group = torch.arange(n).repeat_interleave(cfg.rl.group_size)
-        prompts = [e["prompt"] for e in expanded]
-        ids, pad = (t.to(acc.device) for t in encode_prompts(tok, prompts, cfg.rl.system_prompt))
-        plain.eval()
-        # one generator per prompt group: N processes sample what one process would; a sharded model
-        # is gathered first, as each process decodes its own prompts for as many steps as they take
-        with torch.no_grad(), gathered(plain, acc):
-            rollout = decode_groups(decoder, plain, ids, pad, cfg, step, rank * n, n)
-        texts, lengths = completions_of(tok, rollout.generated)
-        rewards, parts = combine(dict(cfg.rl.rewards), prompts, texts, **fields_of(expanded))
-        reward_t = torch.tensor(rewards)
-        adv, zero = group_advantages(reward_t, group, cfg.rl.scale_std)
-        keep = ~zero if cfg.rl.drop_zero_variance else torch.ones_like(zero)
-        full_pad = torch.cat([pad, torch.ones_like(rollout.generated)], dim=1)
-        # rows rebuild the states the model saw: the decoded canvas, not the EOS-filled text view
-        r = Rollouts(rollout.canvas, rollout.step_map, rollout.prompt_length, full_pad)
-        trainable = r.trainable & keep[:, None].to(r.tokens.device)
-        if not cfg.rl.loss_after_eos:
-            trainable &= ~after_first_eos(r.tokens, r.prompt_length, tok.eos_token_id)
-        stats = {"clip_fraction": 0.0, "kl": 0.0, "loss": 0.0}
-        # every process updates when any has something to train (gradients are averaged collectively)
-        if most_across(acc, int(trainable.any())):
-            block = block_causal_size(plain)
-            # trajectory rows are fixed by the rollout; one_step / coupled draw new masks for every
-            # inner update (diffu-GRPO), and the old / reference log-probs are those of each draw
-            fresh = cfg.rl.estimator != "trajectory"
-            draws = [
-                make_rows(cfg, r, mask_id, block, step, rank * n, n, i)
-                for i in range(cfg.rl.inner_updates if fresh else 1)
-            ]
-            # sharded forwards are collective: every process makes as many as the busiest one
-            # (DDP forwards are local; it only needs every process to make the one backward)
-            calls = [row_forwards(rows, cfg.rl.row_batch_size) for rows in draws]
-            if sharded is not None:
-                calls = [most_across(acc, c) for c in calls]
-            batch = cfg.rl.row_batch_size
-            with torch.no_grad(), acc.autocast():  # the reference under the policy's precision
-                olds = [evened_logprobs(plain, r, rows, mask_id, batch, c) for rows, c in zip(draws, calls)]
-                refs = [
-                    reference_logprobs(plain, ref, r, rows, mask_id, cfg, c) if cfg.rl.beta > 0 else None
-                    for rows, c in zip(draws, calls)
-                ]
-            share = loss_share(acc, trainable, cfg, r.step_map)
-            plain.train()
-            for i in range(cfg.rl.inner_updates):
-                k = i if fresh else 0
-                # through the prepared model, whose engine averages the gradients in the backward
-                # (DDP all-reduces once, after the last row batch; FSDP2 reduce-scatters each one)
-                res = backward_by_row_batch(
-                    acc,
-                    model,
-                    r,
-                    draws[k],
-                    mask_id,
-                    batch,
-                    calls[k],
-                    lambda new, k=k: policy_loss(
-                        new,
-                        olds[k],
-                        adv.to(new.device),
-                        trainable,
-                        cfg.rl.eps_low,
-                        cfg.rl.eps_high,
-                        refs[k],
-                        cfg.rl.beta,
-                        cfg.rl.norm,
-                        r.step_map,
-                        share,
-                    ),
-                    local=sharded is None,
-                )
-                if cfg.optim.grad_clip > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                stats = {"clip_fraction": res.clip_fraction, "kl": res.kl, "loss": float(res.loss)}
-        if cfg.rl.save_rollouts_every and (step + 1) % cfg.rl.save_rollouts_every == 0:
-            save_rollouts(rollouts_path, step + 1, rank * n, expanded, texts, rollout, rewards, parts, cfg)
-        summary = torch.tensor(
-            [
-                reward_t.mean(),
-                reward_t.std(),
-                float(zero.float().mean()),
-                sum(lengths) / len(lengths),
-                float((reward_t >= 1.0).float().mean()),
-                stats["clip_fraction"],
-                stats["kl"],
-            ],
-            device=acc.device,
-        )
-        summary = acc.reduce(summary, reduction="mean")
-        record = {
-            "step": step + 1,
-            "reward_mean": float(summary[0]),
-            "reward_std": float(summary[1]),
-            "accuracy": float(summary[4]),
-            "zero_variance_share": float(summary[2]),
-            "completion_length": float(summary[3]),
-            "clip_fraction": float(summary[5]),
-            "kl": float(summary[6]),
-            "loss": stats["loss"],
-            "lr": scheduler.get_last_lr()[0],
-            **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},
-        }
-        if (step + 1) % cfg.rl.eval_every == 0 or step + 1 == cfg.train.max_steps:
-            record["held_out_reward"] = held_out()
-        write(record)
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
-        if (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.max_steps:
-            state = {"identity": identity(cfg, global_batch, engine_name(acc))}
-            save_checkpoint(
-                acc, out, step + 1, model, tok, optimizer, scheduler, None, state, cfg.train.keep_checkpoints
-            )
+
+def _update(run: RLRun, batch: StepRollouts, step: int) -> dict[str, float]:
+    """``rl.inner_updates`` clipped policy-gradient updates on the step's rollouts; every process
+    updates when any has something to train (gradients are averaged collectively)."""
+    cfg, acc, plain, r = run.cfg, run.acc, run.plain, batch.rows
+    stats = {"clip_fraction": 0.0, "kl": 0.0, "loss": 0.0}
+    if not most_across(acc, int(batch.trainable.any())):
+        return stats
+    n, rank, size = cfg.rl.prompts_per_step, acc.process_index, cfg.rl.row_batch_size
+    # trajectory rows are fixed by the rollout; one_step / coupled draw new masks for every inner
+    # update (diffu-GRPO), and the old / reference log-probs are those of each draw
+    fresh = cfg.rl.estimator != "trajectory"
+    draws = [
+        make_rows(cfg, r, run.mask_id, block_causal_size(plain), step, rank * n, n, i)
+        for i in range(cfg.rl.inner_updates if fresh else 1)
+    ]
+    # sharded forwards are collective: every process makes as many as the busiest one (DDP forwards
+    # are local; it only needs every process to make the one backward)
+    calls = [row_forwards(rows, size) for rows in draws]
+    if run.sharded is not None:
+        calls = [most_across(acc, c) for c in calls]
+    with torch.no_grad(), acc.autocast():  # the reference under the policy's precision
+        olds = [evened_logprobs(plain, r, rows, run.mask_id, size, c) for rows, c in zip(draws, calls)]
+        refs = [
+            reference_logprobs(plain, run.ref, r, rows, run.mask_id, cfg, c) if cfg.rl.beta > 0 else None
+            for rows, c in zip(draws, calls)
+        ]
+    share = loss_share(acc, batch.trainable, cfg, r.step_map)
+    plain.train()
+    for i in range(cfg.rl.inner_updates):
+        k = i if fresh else 0
+
+        def loss_of(new, old=olds[k], ref=refs[k]):
+            return policy_loss(new, old, batch.advantages.to(new.device), batch.trainable, cfg.rl.eps_low,
+                               cfg.rl.eps_high, ref, cfg.rl.beta, cfg.rl.norm, r.step_map, share)  # fmt: skip
+
+        # through the prepared model, whose engine averages the gradients in the backward (DDP
+        # all-reduces once, after the last row batch; FSDP2 reduce-scatters each one)
+        res = backward_by_row_batch(acc, run.model, r, draws[k], run.mask_id, size, calls[k], loss_of,
+                                    local=run.sharded is None)  # fmt: skip
+        if cfg.optim.grad_clip > 0:
+            acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        stats = {"clip_fraction": res.clip_fraction, "kl": res.kl, "loss": float(res.loss)}
+    return stats
+
+
+STEP_STATISTICS = (  # averaged over processes, one all-reduce for all of them
+    "reward_mean", "reward_std", "accuracy", "zero_variance_share", "completion_length", "clip_fraction", "kl",
+)  # fmt: skip
+
+
+def _step_record(run: RLRun, batch: StepRollouts, stats: dict[str, float], step: int) -> dict[str, Any]:
+    """The log record of a step: its named statistics averaged over processes (the loss and the
+    per-reward parts are this process's)."""
+    rewards = torch.tensor(batch.rewards)
+    local = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "accuracy": float((rewards >= 1.0).float().mean()),
+        "zero_variance_share": float(batch.zero_variance.float().mean()),
+        "completion_length": sum(batch.lengths) / len(batch.lengths),
+        "clip_fraction": stats["clip_fraction"],
+        "kl": stats["kl"],
+    }
+    values = torch.tensor([local[name] for name in STEP_STATISTICS], device=run.acc.device)
+    mean = dict(zip(STEP_STATISTICS, run.acc.reduce(values, reduction="mean").tolist()))
+    return {
+        "step": step + 1,
+        **mean,
+        "loss": stats["loss"],
+        "lr": run.scheduler.get_last_lr()[0],
+        **{f"reward/{k}": sum(v) / len(v) for k, v in batch.parts.items()},
+    }
+
+
+def _export(run: RLRun, start: int, t0: float) -> dict[str, Any]:
+    """``final/`` (and ``adapter/`` for LoRA), the reward plot and ``run.json``."""
+    from dlm.loading import load as load_model
+
+    cfg, acc, out, plain = run.cfg, run.acc, run.out, run.plain
     acc.wait_for_everyone()
     final = None
-    if sharded is not None and cfg.lora.enabled:
-        state = acc.get_state_dict(model)  # collective: the adapter-wrapped model's full state, on the main process
+    if run.sharded is not None and cfg.lora.enabled:
+        state = acc.get_state_dict(run.model)  # collective: the adapter-wrapped model's full state, on the main process
         if acc.is_main_process:  # an unsharded copy to export from (the base's size in CPU memory)
-            whole = cfg.lora.wrap(load_model(init, **load)[0])
+            load = {"dtype": torch_dtype(cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
+            whole = cfg.lora.wrap(load_model(run.init, **load)[0])
             whole.load_state_dict(state)
-            final, plain = export_lora(out, whole, tok)
-    elif sharded is not None:  # every process takes part in gathering the full state dict
-        final = export_final(out / "final", plain, tok, None, acc)
+            final, plain = export_lora(out, whole, run.tok)
+    elif run.sharded is not None:  # every process takes part in gathering the full state dict
+        final = export_final(out / "final", plain, run.tok, None, acc)
     elif acc.is_main_process:
         if cfg.lora.enabled:
-            final, plain = export_lora(out, plain, tok)
+            final, plain = export_lora(out, plain, run.tok)
         else:
-            final = export_final(out / "final", plain, tok, None)
+            final = export_final(out / "final", plain, run.tok, None)
     if acc.is_main_process and cfg.train.plot:
-        plot_rewards(log_path, out / "rewards.png")
-    held = [h["held_out_reward"] for h in history if "held_out_reward" in h]
+        plot_rewards(run.log_path, out / "rewards.png")
+    held = [h["held_out_reward"] for h in run.history if "held_out_reward" in h]
     if acc.is_main_process:  # what `dlm rl-compare` tabulates (wall time of this invocation)
         summary = {"recipe": to_dict(cfg), "wall_seconds": round(time.time() - t0, 1), "resumed_at": start}
         write_json(out / "run.json", summary, indent=1)
@@ -637,7 +707,7 @@ def _run(cfg: RLRecipe, acc: Accelerator, out: Path, t0: float) -> dict[str, Any
         f"done in {time.time() - t0:.0f}s | held-out reward {held[0] if held else float('nan'):.4f} -> "
         f"{held[-1] if held else float('nan'):.4f} | model: {final}"
     )
-    return {"history": history, "final": final, "model": plain}
+    return {"history": run.history, "final": final, "model": plain}
 
 
 def export_lora(out: Path, model, tok):
