@@ -301,24 +301,47 @@ def memory_plan(model: nn.Module, dtype: torch.dtype, batch_sizes: list[int], le
 
 
 def main(args) -> int:
+    """Every decoder x cache (x compile) row at every generation length and batch size."""
     torch.manual_seed(0)
     args.gen_lengths = [int(g) for g in str(args.gen_lengths).split(",")]
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     if args.device == "meta":  # a memory plan of the shape, no timing
-        inner, _, what = load_model(args)
-        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-        lengths = [args.prompt_length + g for g in args.gen_lengths]
-        plan = memory_plan(inner, dtype, batch_sizes, lengths)
-        print(f"dlm bench decode | {what} | {plan[0]['params'] / 1e9:.2f}B params | {args.dtype} | memory plan")
-        for row in plan:
-            print(f"batch {row['batch']:4d}  tokens {row['tokens']:6d}  weights {row['weights_gb']:7.2f} GiB  "
-                  f"KV cache {row['kv_cache_gb']:7.2f} GiB")  # fmt: skip
-        if args.json:
-            write_json(args.json, {"model": what, "dtype": args.dtype, "plan": plan})
-        return 0
+        return _memory_plan(args, batch_sizes)
     inner, tok, what = load_model(args)
     model = TimedModel(inner)
+    caches = _caches(args, inner, tok)
     n_params = sum(p.numel() for p in model.parameters())
+    _print_header(args, inner, what, n_params)
+    rows = []
+    for gen_length in args.gen_lengths:
+        for batch in batch_sizes:
+            rows += _rows_at(args, model, tok, caches, gen_length, batch)
+    for r in (r for r in rows if r["combined_vs_confidence_no_cache"]):
+        print(
+            f"combined: {r['decoder']} {args.threshold} + {r['cache']} vs confidence (1 token/step) without cache, "
+            f"gen {r['gen_length']}, batch {r['batch_size']}: {r['combined_vs_confidence_no_cache']:.2f}x"
+        )
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        write_json(args.json, {"model": what, "params": n_params, "settings": settings, "results": rows})
+    return 0
+
+
+def _memory_plan(args, batch_sizes: list[int]) -> int:
+    inner, _, what = load_model(args)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    plan = memory_plan(inner, dtype, batch_sizes, [args.prompt_length + g for g in args.gen_lengths])
+    print(f"dlm bench decode | {what} | {plan[0]['params'] / 1e9:.2f}B params | {args.dtype} | memory plan")
+    for row in plan:
+        print(f"batch {row['batch']:4d}  tokens {row['tokens']:6d}  weights {row['weights_gb']:7.2f} GiB  "
+              f"KV cache {row['kv_cache_gb']:7.2f} GiB")  # fmt: skip
+    if args.json:
+        write_json(args.json, {"model": what, "dtype": args.dtype, "plan": plan})
+    return 0
+
+
+def _caches(args, inner, tok) -> list[str]:
+    """The caches to run (``--caches``, default every one the model supports), checked."""
     caches = args.caches.split(",") if args.caches else supported_caches(inner)
     for cache in caches:
         if cache not in supported_caches(inner):
@@ -328,63 +351,59 @@ def main(args) -> int:
             )
     if args.task and tok is None:
         raise SystemExit("dlm bench decode: --task needs --checkpoint (a model trained on the task and its tokenizer)")
+    return caches
+
+
+def _print_header(args, inner, what: str, n_params: int) -> None:
     cfg = inner.config
     print(
         f"dlm bench decode | {what} | {n_params / 1e6:.1f}M params (hidden {cfg.hidden_size}, "
         f"{cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, {cfg.attention_mode}) | block {args.block_length} | "
         f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads)"
     )
-    header = (
+    print(
         f"{'decoder':14s} {'cache':>9s} {'gen':>5s} {'batch':>5s} {'NFE':>7s} {'expect':>7s} {'TPF':>5s} "
         f"{'wall s':>8s} {'overhead':>8s} {'tok/s':>8s} {'speedup':>7s} {'compile':>7s} {'mem MB':>7s}"
-        + (f" {'score':>6s}" if args.task else "")
+        + (f" {'score':>6s}" if args.task else ""),
+        flush=True,
     )
-    print(header, flush=True)
+
+
+def _rows_at(args, model, tok, caches: list[str], gen_length: int, batch: int) -> list[dict]:
+    """The rows of one generation length and batch size, each printed as it finishes, with its
+    speedups over the same decoder without cache (and without compile)."""
+    steps = gen_length if args.steps is None else args.steps
+    grid = decoder_grid(steps, args.block_length, args.threshold, args.open_next_at, args.max_open_blocks)
     wanted = args.decoders.split(",") if args.decoders else ["ancestral", "first_hitting", "confidence", "threshold"]
-    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    if args.task:
+        prompt, pad, examples = task_prompts(args, tok, batch)
+    else:
+        prompt = torch.randint(0, model.config.vocab_size - 1, (batch, args.prompt_length), device=args.device)
+        pad, examples = None, None
+    baseline: dict[str, float] = {}  # decoder -> wall s without cache or compile
+    uncompiled: dict[tuple[str, str], float] = {}  # (decoder, cache) -> wall s without compile
     rows = []
-    for gen_length in args.gen_lengths:
-        steps = gen_length if args.steps is None else args.steps
-        grid = decoder_grid(steps, args.block_length, args.threshold, args.open_next_at, args.max_open_blocks)
-        for batch in batch_sizes:
-            if args.task:
-                prompt, pad, examples = task_prompts(args, tok, batch)
-            else:
-                prompt = torch.randint(0, cfg.vocab_size - 1, (batch, args.prompt_length), device=args.device)
-                pad, examples = None, None
-            baseline: dict[str, float] = {}  # decoder -> wall s without cache or compile
-            uncompiled: dict[tuple[str, str], float] = {}  # (decoder, cache) -> wall s without compile
-            for label in wanted:
-                name, kw = grid[label]
-                for cache in caches:
-                    for compiled in compile_modes:
-                        row = bench_row(args, model, label, name, kw, cache, compiled, gen_length, steps, prompt, pad)
-                        if examples is not None:
-                            texts = tok.batch_decode(row.pop("generated"), skip_special_tokens=True)
-                            row["score"] = sum(score(args.task, e, t) for e, t in zip(examples, texts)) / len(texts)
-                        row.pop("generated", None)
-                        if cache == "none" and not compiled:
-                            baseline[label] = row["wall_s"]
-                        if not compiled:
-                            uncompiled[(label, cache)] = row["wall_s"]
-                        ref = baseline.get(label)
-                        row["speedup_vs_no_cache"] = ref / row["wall_s"] if ref else None
-                        row["combined_vs_confidence_no_cache"] = (
-                            baseline["confidence"] / row["wall_s"]
-                            if label in ("threshold", "pipelined") and "confidence" in baseline
-                            else None
-                        )
-                        plain = uncompiled.get((label, cache))
-                        row["compile_speedup"] = plain / row["wall_s"] if compiled and plain else None
-                        rows.append(row)
-                        print(format_row(row, examples is not None), flush=True)
-    combined = [r for r in rows if r["combined_vs_confidence_no_cache"]]
-    for r in combined:
-        print(
-            f"combined: {r['decoder']} {args.threshold} + {r['cache']} vs confidence (1 token/step) without cache, "
-            f"gen {r['gen_length']}, batch {r['batch_size']}: {r['combined_vs_confidence_no_cache']:.2f}x"
-        )
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "func"}
-        write_json(args.json, {"model": what, "params": n_params, "settings": settings, "results": rows})
-    return 0
+    for label in wanted:
+        name, kw = grid[label]
+        for cache in caches:
+            for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                row = bench_row(args, model, label, name, kw, cache, compiled, gen_length, steps, prompt, pad)
+                generated = row.pop("generated", None)
+                if examples is not None:
+                    texts = tok.batch_decode(generated, skip_special_tokens=True)
+                    row["score"] = sum(score(args.task, e, t) for e, t in zip(examples, texts)) / len(texts)
+                if not compiled:
+                    uncompiled[(label, cache)] = row["wall_s"]
+                    if cache == "none":
+                        baseline[label] = row["wall_s"]
+                ref, plain = baseline.get(label), uncompiled.get((label, cache))
+                row["speedup_vs_no_cache"] = ref / row["wall_s"] if ref else None
+                row["combined_vs_confidence_no_cache"] = (
+                    baseline["confidence"] / row["wall_s"]
+                    if label in ("threshold", "pipelined") and "confidence" in baseline
+                    else None
+                )
+                row["compile_speedup"] = plain / row["wall_s"] if compiled and plain else None
+                rows.append(row)
+                print(format_row(row, examples is not None), flush=True)
+    return rows
