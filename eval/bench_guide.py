@@ -116,26 +116,63 @@ def plot(summary: list[dict], reference: dict | None, path: Path, title: str) ->
 
 
 def main(args) -> int:
+    """Reward against NFE of each method x budget x seed on a task's held-out prompts."""
     from tqdm.auto import tqdm
 
-    from dlm.config import ConfigError
-    from dlm.data import encode_prompts
-    from dlm.decode import build_decoder
-    from dlm.decode.guides.base import as_reward
     from dlm.loading import load
-    from dlm.tasks import generate
+
+    methods, budgets, seeds = _grid(args)
+    model, tok, where = load(args.checkpoint, dtype=torch_dtype(args.dtype), device=args.device)
+    model.eval()
+    ids, pad, reward = _prompts_and_reward(args, tok)
+    decoder, settings = _decoder(args)
+    extra = {"smc": {"alpha": args.alpha}, "svdd": {"alpha": args.svdd_alpha}, "dts": {"alpha": args.alpha}}
+    if args.dts_mode:
+        extra["dts"]["mode"] = args.dts_mode
+    grid = [(m, b, s) for m in methods for b in budgets for s in seeds]
+    with torch.no_grad():
+        rows = [
+            run_method(method, budget, decoder, model, ids, pad, reward, seed, extra)
+            for method, budget, seed in tqdm(grid, desc="bench guide", dynamic_ncols=True)
+        ]
+        reference = _reference(args, decoder, ids, pad, reward, seeds) if args.reference else None
+    summary = aggregate(rows)
+    _print_summary(args, where, methods, summary, reference)
+    record = {
+        "checkpoint": str(where), "task": args.task, "task_args": parse_task_args(args.task_args),
+        "reward": args.reward or args.task, "prompts": args.prompts, "decoder": {"name": args.decoder, **settings},
+        "alpha": args.alpha, "svdd_alpha": args.svdd_alpha, "seeds": seeds, "rows": rows, "summary": summary,
+        "reference": reference, "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    if args.json:
+        write_json(args.json, record)
+    if args.plot:
+        plot(summary, reference, Path(args.plot), f"{args.task} · {Path(str(where)).parent.name} · {args.decoder}")
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _grid(args) -> tuple[list[str], list[int], list[int]]:
+    """Methods (best-of-N first: the baseline every point is read against), budgets and seeds."""
+    from dlm.config import ConfigError
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in BUDGET_KEY]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(BUDGET_KEY)}")
-    budgets = [int(b) for b in args.budgets.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
     if "best_of_n" not in methods:
-        methods = ["best_of_n", *methods]  # the baseline every point is read against
-    dtype = torch_dtype(args.dtype)
-    model, tok, where = load(args.checkpoint, dtype=dtype, device=args.device)
-    model.eval()
+        methods = ["best_of_n", *methods]
+    return methods, [int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")]
+
+
+def _prompts_and_reward(args, tok):
+    """The task's held-out prompts (left-padded ids and mask) and the reward scoring them."""
+    from dlm.config import ConfigError
+    from dlm.data import encode_prompts
+    from dlm.decode.guides.base import as_reward
+    from dlm.tasks import generate
+
     try:
         examples = generate(args.task, args.prompts, seed=987_654, **parse_task_args(args.task_args))
     except ValueError as exc:
@@ -143,31 +180,34 @@ def main(args) -> int:
     prompts = [e["prompt"] for e in examples]
     fields = {k: [e[k] for e in examples] for k in examples[0] if k != "prompt"}
     ids, pad = (t.to(args.device) for t in encode_prompts(tok, prompts))
-    reward = as_reward(args.reward or args.task, tok, prompts, fields)
+    return ids, pad, as_reward(args.reward or args.task, tok, prompts, fields)
+
+
+def _decoder(args):
+    from dlm.decode import build_decoder
+
     settings = {"gen_length": args.gen_length, "block_length": args.block_length, "temperature": args.temperature}
     if args.decoder != "first_hitting":
         settings["steps"] = args.steps or args.gen_length
-    decoder = build_decoder(args.decoder, **settings)
-    extra = {"smc": {"alpha": args.alpha}, "svdd": {"alpha": args.svdd_alpha}, "dts": {"alpha": args.alpha}}
-    if args.dts_mode:
-        extra["dts"]["mode"] = args.dts_mode
-    grid = [(m, b, s) for m in methods for b in budgets for s in seeds]
-    rows = []
-    with torch.no_grad():
-        for method, budget, seed in tqdm(grid, desc="bench guide", dynamic_ncols=True):
-            rows.append(run_method(method, budget, decoder, model, ids, pad, reward, seed, extra))
-        reference = None
-        if args.reference:
-            ref_model, ref_tok, ref_where = load(args.reference, dtype=dtype, device=args.device)
-            ref_rows = [run_method("best_of_n", 1, decoder, ref_model.eval(), ids, pad, reward, s, {}) for s in seeds]
-            reference = {
-                "checkpoint": str(ref_where),
-                "label": f"{Path(str(ref_where)).parent.name or ref_where} (plain decoding)",
-                "reward": statistics.mean(r["reward"] for r in ref_rows),
-                "nfe": statistics.mean(r["nfe"] for r in ref_rows),
-                "rows": ref_rows,
-            }
-    summary = aggregate(rows)
+    return build_decoder(args.decoder, **settings), settings
+
+
+def _reference(args, decoder, ids, pad, reward, seeds: list[int]) -> dict:
+    """Plain decoding of ``--reference`` (e.g. the RL-trained model) on the same prompts."""
+    from dlm.loading import load
+
+    ref_model, _, ref_where = load(args.reference, dtype=torch_dtype(args.dtype), device=args.device)
+    ref_rows = [run_method("best_of_n", 1, decoder, ref_model.eval(), ids, pad, reward, s, {}) for s in seeds]
+    return {
+        "checkpoint": str(ref_where),
+        "label": f"{Path(str(ref_where)).parent.name or ref_where} (plain decoding)",
+        "reward": statistics.mean(r["reward"] for r in ref_rows),
+        "nfe": statistics.mean(r["nfe"] for r in ref_rows),
+        "rows": ref_rows,
+    }
+
+
+def _print_summary(args, where, methods: list[str], summary: list[dict], reference: dict | None) -> None:
     print(f"dlm bench guide | {where} | task {args.task} ({args.prompts} prompts) | reward {args.reward or args.task}")
     print(f"{'method':<10} {'budget':>6} {'NFE/prompt':>11} {'reward':>16} {'best-of-N @NFE':>15} {'wall s':>7}")
     for a in sorted(summary, key=lambda a: (methods.index(a["method"]), a["budget"])):
@@ -178,27 +218,3 @@ def main(args) -> int:
         )
     if reference is not None:
         print(f"reference {reference['checkpoint']}: reward {reference['reward']:.4f} at NFE {reference['nfe']:.1f}")
-    record = {
-        "checkpoint": str(where),
-        "task": args.task,
-        "task_args": parse_task_args(args.task_args),
-        "reward": args.reward or args.task,
-        "prompts": args.prompts,
-        "decoder": {"name": args.decoder, **settings},
-        "alpha": args.alpha,
-        "svdd_alpha": args.svdd_alpha,
-        "seeds": seeds,
-        "rows": rows,
-        "summary": summary,
-        "reference": reference,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "device": args.device,
-        "dtype": args.dtype,
-        "threads": torch.get_num_threads(),
-    }
-    if args.json:
-        write_json(args.json, record)
-    if args.plot:
-        plot(summary, reference, Path(args.plot), f"{args.task} · {Path(str(where)).parent.name} · {args.decoder}")
-        print(f"plot: {args.plot}")
-    return 0
