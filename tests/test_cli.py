@@ -145,3 +145,15 @@ def test_eval_summary_of_likelihood_only_tasks_names_no_decoder():
     assert (
         "64 generated tokens in 2.0 s of decoding (32.0 tokens/s)" in line and "decoder confidence, cache=dual" in line
     )
+
+
+def test_python_m_dlm_train_rl_answers_errors_like_dlm_rl(tmp_path):
+    """A missing rl.init, through the module entry point: the one-line error of ``dlm rl``."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dlm.train.rl", "rl-quickstart", "train.output_dir=out"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("dlm rl: error: rl.init='runs/rl-sft'") and "Traceback" not in out.stderr
+    usage = subprocess.run([sys.executable, "-m", "dlm.train.rl"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "usage: dlm rl" in usage.stderr

@@ -1,14 +1,16 @@
-"""``python -m dlm.train.rl RECIPE.yaml key=value ...`` (also under ``accelerate launch -m``)."""
+"""``python -m dlm.train.rl RECIPE.yaml key=value ...`` / ``accelerate launch -m dlm.train.rl ...``:
+``dlm rl``, with its errors answered the same way (one line, exit status 2)."""
+
+from __future__ import annotations
 
 import sys
 
-from dlm.config import ConfigError, load_recipe
-from dlm.train.rl.loop import RLRecipe, main
+
+def cli(argv: list[str] | None = None) -> int:
+    from dlm.cli import main as dlm_main
+
+    return dlm_main(["rl", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m dlm.train.rl RECIPE.yaml [key=value ...]")
-    try:
-        main(load_recipe(sys.argv[1], sys.argv[2:], cls=RLRecipe))
-    except ConfigError as exc:
-        sys.exit(f"dlm rl: error: {exc}")
+    sys.exit(cli())
