@@ -451,3 +451,20 @@ def test_ema_weights_are_validated_and_exported(tmp_path, monkeypatch):
     assert all(torch.equal(final[k], ema[k]) for k in ema)
     assert all(torch.equal(v, raw[k]) for k, v in weights(result.model).items() if k in raw)  # swapped back
     assert result.val_ppl == log_records(run, "val_ppl")[4]  # the reported bound is the EMA model's
+
+
+def test_curves_label_the_final_validation_value(tmp_path, monkeypatch):
+    import json
+
+    import dlm.train.plot as plot
+
+    log = tmp_path / "log.jsonl"
+    records = [{"step": 10, "loss": 3.0}, {"step": 10, "val_ppl": 40.0, "bound": "nelbo"}, {"step": 20, "loss": 2.5},
+               {"step": 20, "val_ppl": 12.345, "bound": "nelbo"}]  # fmt: skip
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path, dpi: figures.append(fig) or path)
+    plot.plot_curves(log, tmp_path / "curves.png")
+    val = figures[0].axes[1]
+    assert val.get_title() == "validation NELBO perplexity bound — final 12.35 at step 20"
+    assert [t.get_text() for t in val.texts] == ["12.35"]

@@ -22,14 +22,16 @@ def plot_curves(log_path: str | Path, png_path: str | Path, title: str = "") -> 
     if train:
         ax1.plot(*zip(*train), lw=1)
     ax1.set(xlabel="step", ylabel="training loss (per token)", title="training loss")
+    bound = next((r.get("bound") for r in records if "val_ppl" in r), "nelbo")
+    what = "NELBO perplexity bound" if bound == "nelbo" else "perplexity"
     if val:
         ax2.plot(*zip(*val), marker="o", lw=1)
         ax2.set_yscale("log")
-    bound = next((r.get("bound") for r in records if "val_ppl" in r), "nelbo")
+        last_step, last = val[-1]
+        ax2.annotate(f"{last:.2f}", (last_step, last), xytext=(-4, 8), textcoords="offset points", ha="right")
+        what += f" — final {last:.2f} at step {last_step}"
     ax2.set(
-        xlabel="step",
-        ylabel="perplexity" + (" upper bound" if bound == "nelbo" else ""),
-        title="validation " + ("NELBO perplexity bound" if bound == "nelbo" else "perplexity"),
+        xlabel="step", ylabel="perplexity" + (" upper bound" if bound == "nelbo" else ""), title=f"validation {what}"
     )
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
