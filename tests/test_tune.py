@@ -124,6 +124,7 @@ def test_front_area_and_choice_on_known_points():
     # best score reachable at TPF >= x: 0.92 on [1, 2], 0.85 on (2, 4], 0.50 on (4, 8]
     assert area_under_pareto(front) == pytest.approx(0.92 * 1 + 0.85 * 2 + 0.50 * 4)
     assert choose(pts[1:], ref, 0.01) is pts[1]  # 0.92 at TPF 2; 0.85 at TPF 4 is 0.05 below the reference
+    assert choose(pts[2:6], ref, 0.01) is ref  # nothing in the grid holds the score: decode one token per step
     assert choose(pts[1:], ref, 0.06) is pts[3]  # within 0.06: TPF 4, the better of the two there
     tie = [r(0.9, 4.0, "none"), r(0.9, 4.0, "dual")]
     assert choose(tie, ref, 0.0) is tie[1]  # equal speed and TPF: the cache that feeds less
