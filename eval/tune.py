@@ -91,7 +91,9 @@ def choose(results: list[Result], reference: Result, tolerance: float) -> Result
     within 5% of the fastest count as tied; ties go to more tokens per forward, the higher score, the
     cache that feeds fewer columns, then the earlier setting of the grid. When no setting of the grid
     holds the score, the reference itself (one token per step) is the answer."""
-    ok = [r for r in results if r.score >= reference.score - tolerance] or [reference]
+    ok = [r for r in results if r.score >= reference.score - tolerance]
+    if not ok:
+        return reference
     fastest = max(r.tokens_per_s for r in ok)
     tied = [r for r in ok if r.tokens_per_s >= (1 - SAME_SPEED) * fastest]
     return min(tied, key=lambda r: (-r.tpf, -r.score, CACHE_COST.get(r.settings["cache"], 9), results.index(r)))
