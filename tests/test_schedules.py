@@ -47,7 +47,7 @@ def test_alpha_inverse_clamps_to_the_time_interval_outside_the_schedules_range(n
 
 
 def test_schedules_are_immutable_and_their_defaults_are_the_papers():
-    """A schedule is shared by the objective, the decoders and the likelihoods: it cannot be changed
+    """A schedule is shared by the objective and the decoders: it cannot be changed
     under them. Defaults: ε = 1e-3 (MDLM) and MD4's quadratic k = 2."""
     import dataclasses
 
