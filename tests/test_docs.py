@@ -43,11 +43,9 @@ def test_relative_links_between_docs_pages_resolve():
 
 
 def test_nothing_refers_to_documents_outside_the_repository():
-    pattern = re.compile(r"\bSPEC\b|\.\./shared")
+    pattern = re.compile(r"\bS" + r"PEC\b|\.\./" + "shared")  # in parts, so that this file passes too
     for path in _tracked():
         if path.suffix not in (".py", ".md", ".yaml", ".yml", ".toml", ".txt", "") or not path.is_file():
-            continue
-        if path == Path(__file__).resolve():
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             assert not pattern.search(line), f"{path.relative_to(ROOT)}:{number} refers outside the repo: {line}"
