@@ -411,6 +411,23 @@ def _add_decoding_options(p: argparse.ArgumentParser, decoders: list[str], cache
     add_speed_options(p)
 
 
+def comma_names(registry):
+    """An argparse type: a comma list of names the registry knows (returned as given); an unknown
+    one is a usage error listing the known names and the closest."""
+    from dlm.registry import close_matches
+
+    def check(text: str) -> str:
+        for name in (n for n in text.split(",") if n):
+            if name not in registry:
+                known = registry.names()
+                raise argparse.ArgumentTypeError(
+                    f"unknown {registry.kind} {name!r}; known: {', '.join(known)}." + close_matches(name, known)
+                )
+        return text
+
+    return check
+
+
 def _add_train(sub) -> None:
     _add_recipe_command(
         sub, "train", _train, "train from a YAML recipe", "dlm train quickstart train.max_steps=100 optim.lr=1e-3"
@@ -534,7 +551,14 @@ def _add_bench_train(bench) -> None:
     b.add_argument("--batch-size", type=int, default=8, help="rows per step")
     b.add_argument("--steps", type=int, default=10, help="timed steps per objective (after warm-up)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    b.add_argument("--objectives", default="mdlm,exact_count,bd3lm,ar", help="comma list of objectives")
+    from dlm.train.objectives import OBJECTIVES
+
+    b.add_argument(
+        "--objectives",
+        default="mdlm,exact_count,bd3lm,ar",
+        type=comma_names(OBJECTIVES),
+        help=f"comma list of {', '.join(OBJECTIVES.names())}",
+    )
     b.add_argument("--block-size", type=int, default=16, help="BD3-LM block size")
     b.add_argument("--json", help="write the results here as JSON")
     add_run_options(b)

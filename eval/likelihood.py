@@ -26,10 +26,10 @@ from itertools import combinations
 import torch
 from torch import Tensor, nn
 
-from dlm.model.modeling import supports_output_mask
-from dlm.train.objectives import logits_of, subs_log_probs
-from dlm.utils import seed_of
+from dlm.model.modeling import logits_of, supports_output_mask
+from dlm.train.objectives.common import subs_log_probs
 from dlm.train.objectives.exact_count import stratified_counts
+from dlm.utils import seed_of
 
 ESTIMATORS = ("exact_count", "one_over_t")
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.eval.likelihood import Request, elbo
-from dlm.train.objectives import is_shifted, logits_of, next_token_logits
+from dlm.model.modeling import is_shifted, logits_of, next_token_logits
 
 
 def is_causal(model: nn.Module) -> bool:

@@ -59,6 +59,17 @@ def test_every_option_has_help_and_shows_its_default():
                 assert "default" in action.help or shown in text, f"{name} {flag}: default {shown} not in the help"
 
 
+def test_bench_train_objectives_are_checked_against_the_registry(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["bench", "train", "--objectives", "mdlm,ar"]).objectives == "mdlm,ar"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "train", "--objectives", "mdlm,mdml"])
+    err = capsys.readouterr().err
+    assert (
+        "unknown objective 'mdml'; known: ar, bd3lm, exact_count, mdlm, sft." in err and "Did you mean 'mdlm'?" in err
+    )
+
+
 def test_choices_come_from_the_registries():
     from dlm.decode import CACHES, DECODERS
     from dlm.decode.guides import GUIDES
@@ -70,14 +81,16 @@ def test_choices_come_from_the_registries():
     assert list(generate["guide"].choices) == GUIDES.names()
 
 
-@pytest.mark.parametrize("registry_name", ["DECODERS", "GUIDES"])
-def test_every_built_in_name_registers_from_its_module(registry_name):
+@pytest.mark.parametrize(
+    "where", ["dlm.decode:DECODERS", "dlm.decode.guides:GUIDES", "dlm.train.objectives:OBJECTIVES"]
+)
+def test_every_built_in_name_registers_from_its_module(where):
     """A built-in name the registry lists without importing must resolve, on lookup, to the
     component its module registers under that name."""
-    import dlm.decode
-    import dlm.decode.guides
+    import importlib
 
-    registry = getattr(dlm.decode, registry_name, None) or getattr(dlm.decode.guides, registry_name)
+    module, name = where.split(":")
+    registry = getattr(importlib.import_module(module), name)
     for name in registry.names():
         component = registry.get(name)
         assert component.__module__ == registry._builtins[name], (name, component.__module__)

@@ -181,7 +181,7 @@ class RecipeConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self):
-        from dlm.train.objectives import OBJECTIVES, ar, bd3lm, exact_count, mdlm, sft  # noqa: F401  (built-ins)
+        from dlm.train.objectives import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
             from dlm.registry import close_matches

@@ -18,21 +18,17 @@ An objective is built from the recipe and exposes:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import Tensor
-
-from dlm.model.modeling import is_shifted, logits_of, next_token_logits  # noqa: F401  (re-exported for objectives)
 from dlm.registry import Registry
 
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
-@dataclass
-class LossOutput:
-    total: Tensor  # summed loss over the micro-batch (scalar)
-    count: Tensor  # normaliser (tokens, or sequences for SFT)
+    from dlm.train.objectives.common import LossOutput
 
 
 class Objective(Protocol):
@@ -46,14 +42,14 @@ class Objective(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict[str, Tensor], noise: dict[str, Tensor]) -> LossOutput: ...
 
 
-OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")
+OBJECTIVES: Registry[Callable[..., Objective]] = Registry(
+    "objective",
+    builtins={name: f"dlm.train.objectives.{name}" for name in ("ar", "bd3lm", "exact_count", "mdlm", "sft")},
+)
 
 
 def build_objective(name: str, **kwargs: Any) -> Objective:
     from dlm.config import ConfigError
-
-    # Import the built-ins so they register themselves.
-    from dlm.train.objectives import ar, bd3lm, exact_count, mdlm, sft  # noqa: F401
 
     try:
         factory = OBJECTIVES.get(name)
@@ -62,17 +58,17 @@ def build_objective(name: str, **kwargs: Any) -> Objective:
     return factory(**kwargs)
 
 
-def subs_log_probs(logits: Tensor, mask_token_id: int) -> Tensor:
-    """SUBS zero-masking: the model never predicts the mask token; float32 log-softmax."""
-    is_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_token_id
-    return torch.log_softmax(logits.float().masked_fill(is_mask, float("-inf")), dim=-1)  # never in place
+_COMMON = {  # importable from here as before; they live where they need torch
+    "LossOutput": "dlm.train.objectives.common",
+    "subs_log_probs": "dlm.train.objectives.common",
+    "paired_logits_from": "dlm.train.objectives.common",
+    "is_shifted": "dlm.model.modeling",
+    "logits_of": "dlm.model.modeling",
+    "next_token_logits": "dlm.model.modeling",
+}
 
 
-def paired_logits_from(model: torch.nn.Module, seq_len: int, block_size: int, device) -> dict[str, Tensor]:
-    """Forward kwargs for ``[z_t ⊕ x]`` rows: a shifted model reads each block's first logits from
-    the clean previous token (:func:`dlm.model.masks.bd3lm_logits_from`); others need nothing."""
-    if not is_shifted(model):
-        return {}
-    from dlm.model.masks import bd3lm_logits_from
-
-    return {"logits_from": bd3lm_logits_from(seq_len, block_size, device)}
+def __getattr__(name: str):
+    if name in _COMMON:
+        return getattr(importlib.import_module(_COMMON[name]), name)
+    raise AttributeError(f"module 'dlm.train.objectives' has no attribute {name!r}")

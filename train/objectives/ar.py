@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlm.train.objectives import OBJECTIVES, LossOutput, is_shifted, logits_of, next_token_logits
+from dlm.model.modeling import is_shifted, logits_of, next_token_logits
+from dlm.train.objectives import OBJECTIVES
+from dlm.train.objectives.common import LossOutput
 
 
 def next_token_nll(logits_BLV: Tensor, x_BL: Tensor, shifted: bool = False) -> Tensor:

@@ -24,8 +24,10 @@ from torch import Tensor
 
 from dlm.config import ConfigError
 from dlm.model.masks import bd3lm_matrix
+from dlm.model.modeling import logits_of
 from dlm.schedules import build_schedule, sample_times
-from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, paired_logits_from, subs_log_probs
+from dlm.train.objectives import OBJECTIVES
+from dlm.train.objectives.common import LossOutput, paired_logits_from, subs_log_probs
 
 MAX_RESAMPLE_ROUNDS = 200
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dlm.model.modeling import logits_of
 from dlm.schedules import sample_times
-from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, subs_log_probs
+from dlm.train.objectives import OBJECTIVES
+from dlm.train.objectives.common import LossOutput, subs_log_probs
 
 
 def stratified_counts(n: int, length: int, generator: torch.Generator | None, stratified: bool = True) -> Tensor:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dlm.model.modeling import logits_of
 from dlm.schedules import Schedule, build_schedule, sample_times
-from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, subs_log_probs
+from dlm.train.objectives import OBJECTIVES
+from dlm.train.objectives.common import LossOutput, subs_log_probs
 
 
 def mask_tokens(x0_BL: Tensor, p_mask_B1: Tensor, u_BL: Tensor, mask_token_id: int) -> tuple[Tensor, Tensor]:

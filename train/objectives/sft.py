@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlm.train.objectives import OBJECTIVES, LossOutput, logits_of, subs_log_probs
+from dlm.model.modeling import logits_of
+from dlm.train.objectives import OBJECTIVES
+from dlm.train.objectives.common import LossOutput, subs_log_probs
 from dlm.train.objectives.mdlm import MDLMObjective
 
 

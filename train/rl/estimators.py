@@ -49,9 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from dlm.model.masks import bd3lm_matrix
-from dlm.model.modeling import supports_output_mask
+from dlm.model.modeling import logits_of, supports_output_mask
 from dlm.registry import Registry
-from dlm.train.objectives import logits_of, paired_logits_from, subs_log_probs
+from dlm.train.objectives.common import paired_logits_from, subs_log_probs
 
 
 @dataclass
