@@ -65,9 +65,7 @@ def test_bench_train_objectives_are_checked_against_the_registry(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "train", "--objectives", "mdlm,mdml"])
     err = capsys.readouterr().err
-    assert (
-        "unknown objective 'mdml'; known: ar, bd3lm, exact_count, mdlm, sft." in err and "Did you mean 'mdlm'?" in err
-    )
+    assert "unknown objective 'mdml'; known: ar, bd3lm, exact_count, mdlm," in err and "Did you mean 'mdlm'?" in err
 
 
 def test_choices_come_from_the_registries():
