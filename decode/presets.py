@@ -56,18 +56,13 @@ def check(name: str, settings: dict[str, Any], where: str) -> None:
 
 def write_preset(path: str | Path, name: str, settings: dict[str, Any], tuned: dict[str, Any] | None = None) -> Path:
     """Write a preset atomically (a temporary file renamed into place)."""
-    import os
-
     import yaml
 
+    from dlm.utils import write_atomic
+
     check(name, settings, "the preset to write")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"decoder": name, **settings, **({"tuned": tuned} if tuned else {})}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(body, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, yaml.safe_dump(body, sort_keys=False))
 
 
 def apply_preset(settings: dict[str, Any]) -> dict[str, Any]:

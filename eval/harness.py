@@ -284,22 +284,23 @@ class DLMEvalModel(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batches of requests with the same generation settings, longest prompt first (lm-eval's
         ``Collator``), each decoded, cut at its first EOS and at the task's stop sequences."""
+        encoded = [(req.args, self.tok_encode(req.args[0]) or [self.eot_token_id]) for req in requests]
         collator = Collator(
-            [req.args for req in requests],
-            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
-            group_fn=lambda args: args[1],
+            encoded,
+            sort_fn=lambda item: (-len(item[1]), item[0][0]),
+            group_fn=lambda item: item[0][1],
             group_by="gen_kwargs",
         )
         bar = tqdm(total=len(requests), desc="dlm generate_until", disable=disable_tqdm or self.rank != 0)
         gen = torch.Generator().manual_seed(self.seed)
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
-            decoder, until, length = self._decoder_for(dict(chunk[0][1]))
-            ids, pad = self._left_pad(self._prompts([text for text, _ in chunk], length))
+            decoder, until, length = self._decoder_for(dict(chunk[0][0][1]))
+            ids, pad = self._left_pad(self._fit(length, [prompt for _, prompt in chunk]))
             t0 = time.perf_counter()
             out = decoder(self.model, ids, attention_mask=pad, generator=gen)
             self.generation_seconds += time.perf_counter() - t0
-            for row, args in enumerate(chunk):
+            for row, (args, _) in enumerate(chunk):
                 tokens = until_eos(out.generated[row].tolist(), self.eot_token_id)
                 self.generated_tokens += len(tokens)
                 text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
@@ -343,9 +344,8 @@ class DLMEvalModel(TemplateLM):
         decoder = build_decoder(self.decoder, gen_length=length, **{**settings, "block_length": block})
         return decoder, until, length
 
-    def _prompts(self, texts: list[str], length: int) -> list[list[int]]:
+    def _fit(self, length: int, encoded: list[list[int]]) -> list[list[int]]:
         """Encoded prompts, each cut to the window that ``length`` generated tokens leave."""
-        encoded = [self.tok_encode(t) or [self.eot_token_id] for t in texts]
         room = self.max_length - length
         if any(len(e) > room for e in encoded):
             self._warn_truncation("a generation prompt plus max_gen_toks is")
