@@ -126,9 +126,9 @@ def text_unit(path: Path, text_split: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), ""):
             text = (tail + chunk).replace("\r\n", "\n")
-            if "\n\n" in text or "\n \n" in text:
+            if "\n\n" in text:  # the separator datasets' paragraph split uses
                 return "paragraph"
-            tail = text[-2:]
+            tail = text[-1:]
     return "line"
 
 
@@ -470,14 +470,15 @@ def build_data(
         tokenizer = _make_tokenizer(tok_cfg, texts)
     tok = prepare_tokenizer(tokenizer, tok_cfg)
 
-    if cfg.format == "text":
+    if by_rows:  # one tokenisation; its leading rows are validation
+        rows, hit = tokenised_rows(docs, tok, cfg.text_field, cfg.seq_len, "tokenising", cfg.num_proc)
+        n_val = min(max(1, round(cfg.val_fraction * rows.shape[0])), rows.shape[0] - 1)
+        train_rows, val_rows, from_cache = {"input_ids": rows[n_val:]}, {"input_ids": rows[:n_val]}, hit
+    elif cfg.format == "text":
         (train_ids, train_hit), (val_ids, val_hit) = (
             tokenised_rows(part, tok, cfg.text_field, cfg.seq_len, f"tokenising {name}", cfg.num_proc)
             for part, name in ((train_docs, "train"), (val_docs, "val"))
         )
-        if by_rows:  # the same rows twice (one cached tokenisation): the leading ones are validation
-            n_val = min(max(1, round(cfg.val_fraction * train_ids.shape[0])), train_ids.shape[0] - 1)
-            train_ids, val_ids = train_ids[n_val:], val_ids[:n_val]
         train_rows, val_rows = {"input_ids": train_ids}, {"input_ids": val_ids}
         from_cache = train_hit and val_hit
     else:
