@@ -117,6 +117,11 @@ class RLConfig:
     init_command: str = ""
     """The command that creates ``init`` (a recipe's SFT step), shown when ``init`` is missing."""
 
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        """How ``init`` (and the frozen reference) load: dtype and remote code."""
+        return {"dtype": torch_dtype(self.dtype), "trust_remote_code": self.trust_remote_code}
+
     def __post_init__(self):
         if not self.init:
             raise ConfigError("rl.init is required: the checkpoint to fine-tune (e.g. an SFT run's output_dir)")
@@ -519,7 +524,7 @@ def _setup(cfg: RLRecipe, acc: Accelerator, out: Path, global_batch: int) -> RLR
     its optimiser and schedule, prepared for the engine."""
     from dlm.loading import load as load_model
 
-    load = {"dtype": torch_dtype(cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
+    load = cfg.rl.load_kwargs
     model, tok, init = load_model(cfg.rl.init, **load)
     mask_id = cfg.rl.mask_token_id if cfg.rl.mask_token_id is not None else getattr(model.config, "mask_token_id", None)
     if mask_id is None:
@@ -686,8 +691,7 @@ def _export(run: RLRun, start: int, t0: float) -> dict[str, Any]:
     if run.sharded is not None and cfg.lora.enabled:
         state = acc.get_state_dict(run.model)  # collective: the adapter-wrapped model's full state, on the main process
         if acc.is_main_process:  # an unsharded copy to export from (the base's size in CPU memory)
-            load = {"dtype": torch_dtype(cfg.rl.dtype), "trust_remote_code": cfg.rl.trust_remote_code}
-            whole = cfg.lora.wrap(load_model(run.init, **load)[0])
+            whole = cfg.lora.wrap(load_model(run.init, **cfg.rl.load_kwargs)[0])
             whole.load_state_dict(state)
             final, plain = export_lora(out, whole, run.tok)
     elif run.sharded is not None:  # every process takes part in gathering the full state dict
