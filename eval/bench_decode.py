@@ -32,7 +32,7 @@ from dlm.decode.caches import supported_caches
 from dlm.decode.compiled import compiled_forward
 from dlm.model import DLMConfig, DLMModel
 from dlm.tasks import score
-from dlm.utils import write_json
+from dlm.utils import torch_dtype, write_json
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def format_row(row: dict, scored: bool) -> str:
 
 def load_model(args) -> tuple[nn.Module, object | None, str]:
     """The benchmarked model, its tokenizer (checkpoints only) and a one-line description."""
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(args.dtype)
     if args.checkpoint:
         from dlm.loading import load
 
@@ -329,7 +329,7 @@ def main(args) -> int:
 
 def _memory_plan(args, batch_sizes: list[int]) -> int:
     inner, _, what = load_model(args)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(args.dtype)
     plan = memory_plan(inner, dtype, batch_sizes, [args.prompt_length + g for g in args.gen_lengths])
     print(f"dlm bench decode | {what} | {plan[0]['params'] / 1e9:.2f}B params | {args.dtype} | memory plan")
     for row in plan:

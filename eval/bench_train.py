@@ -16,7 +16,7 @@ import torch
 
 from dlm.model import DLMConfig, DLMModel
 from dlm.train.objectives import build_objective
-from dlm.utils import write_json
+from dlm.utils import torch_dtype, write_json
 
 
 def time_objective(
@@ -44,7 +44,7 @@ def time_objective(
 
 def main(args) -> int:
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(args.dtype)
     config = DLMConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
